@@ -1,0 +1,6 @@
+"""The converter: Hugging Face or mlx-lm checkpoints -> flashmoe checkpoints (`python -m flashmoe_mlx.convert`)."""
+
+from .pipeline import ConvertError, convert
+from .quantization import Precision, QuantizationError
+
+__all__ = ["convert", "ConvertError", "Precision", "QuantizationError"]

@@ -1,0 +1,119 @@
+"""Where a conversion reads from: a local or hub Hugging Face checkpoint, or an mlx-lm checkpoint.
+
+Owns locating the directory, reading config.json, checking the shard set against its index, and
+opening every shard lazily (`mx.load` maps tensors; bytes are read only when a tensor is evaluated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+# Files that travel with a checkpoint besides its weights and config.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "*.tiktoken",
+)
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass
+class Source:
+    path: Path
+    config: dict
+    weights: dict[str, mx.array]  # lazy; keys as stored in the shards
+    shard_of: dict[str, str]  # tensor key -> shard file name (for error messages)
+    quantized: bool  # an mlx-lm checkpoint with a `quantization` block
+
+    def side_files(self) -> list[Path]:
+        found = {p for pattern in SIDE_FILES for p in self.path.glob(pattern) if p.is_file()}
+        return sorted(found)
+
+
+def resolve_path(src: str) -> Path:
+    """A local directory, or a hub repo id fetched with huggingface_hub (weights, config, tokenizer)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{src}: not a directory")
+        return path
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise SourceError(f"{src}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", *SIDE_FILES]))
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear message
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(e).lower()
+        why = "the hub cannot be reached (offline?)" if offline else f"{type(e).__name__}: {e}"
+        raise SourceError(f"{src}: not a local directory, and fetching it from the hub failed: {why}") from None
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    try:
+        return json.loads(cfg.read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{cfg}: missing; a checkpoint directory needs its config.json") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise SourceError(f"{index}: unreadable weight_map ({e})") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise SourceError(f"{path}: shard {missing[0]} listed in {index.name} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SourceError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def open_source(src: str, *, expect_quantized: bool) -> Source:
+    path = resolve_path(src)
+    config = _read_config(path)
+    quantized = "quantization" in config
+    if expect_quantized and not quantized:
+        raise SourceError(f"{path / 'config.json'}: no 'quantization' block; --mlx-path expects a quantized "
+                          "mlx-lm checkpoint (use --hf-path for an unquantized Hugging Face one)")
+    if not expect_quantized and quantized:
+        raise SourceError(f"{path}: already an mlx-lm quantized checkpoint; repack it with --mlx-path")
+    weights, shard_of = {}, {}
+    for shard in _shard_files(path):
+        try:
+            tensors = mx.load(str(shard))
+        except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError for bad headers
+            raise SourceError(f"{shard}: unreadable safetensors file ({e})") from None
+        size = shard.stat().st_size
+        for key, value in tensors.items():
+            weights[key] = value
+            shard_of[key] = shard.name
+        # mx.load only parses the header: check the data it promises is all there.
+        expected = _safetensors_size(shard)
+        if size < expected:
+            raise SourceError(f"{shard}: truncated ({size} bytes, its header describes {expected})")
+    return Source(path, config, weights, shard_of, quantized)
+
+
+def _safetensors_size(shard: Path) -> int:
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)

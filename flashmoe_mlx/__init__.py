@@ -1,0 +1,3 @@
+"""flashmoe-mlx: run Mixture-of-Experts models larger than memory on MLX by streaming routed experts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""Which mlx-lm architectures flashmoe streams, and where their routed experts live.
+
+Owns: building an mlx-lm model lazily from a config (no weights touched), finding every `SwitchGLU`
+expert block in it, and splitting parameter names into units (one per decoder layer, plus the rest).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import _get_classes
+
+# Families exercised end to end by the test-suite; any mlx-lm MoE built on SwitchGLU is accepted.
+TESTED_FAMILIES = (
+    "qwen3_moe", "qwen3_5_moe", "qwen3_next", "deepseek_v3", "mixtral", "gpt_oss", "glm4_moe", "olmoe",
+)
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class UnsupportedModel(ValueError):
+    """The config names an architecture flashmoe cannot stream."""
+
+
+@dataclass(frozen=True)
+class ExpertBlock:
+    layer: int
+    path: str  # e.g. "model.layers.3.mlp.switch_mlp"
+    parent: str  # the MoE block that owns it (its Linear children are routers)
+    num_experts: int
+
+
+def build_model(config: dict) -> nn.Module:
+    """The mlx-lm model for `config`, with lazily initialised (never evaluated) parameters."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UnsupportedModel("config.json has no 'model_type'")
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError:
+        raise UnsupportedModel(
+            f"mlx-lm has no architecture '{model_type}'; flashmoe streams mlx-lm MoE models with "
+            f"SwitchGLU experts (tested: {', '.join(TESTED_FAMILIES)})"
+        ) from None
+    return model_class(args_class.from_dict(config))
+
+
+def layer_of(key: str) -> int | None:
+    """Decoder layer index named in a parameter path, or None for embeddings, final norm, head."""
+    m = _LAYER_KEY.search(key)
+    return int(m.group(1)) if m else None
+
+
+def expert_blocks(model: nn.Module, model_type: str = "?") -> list[ExpertBlock]:
+    blocks = []
+    for path, module in model.named_modules():
+        if isinstance(module, SwitchGLU):
+            layer = layer_of(path + ".")
+            if layer is None:
+                raise UnsupportedModel(f"{model_type}: expert block '{path}' is outside the decoder layers")
+            blocks.append(ExpertBlock(layer, path, path.rsplit(".", 1)[0], module.gate_proj.num_experts))
+    if not blocks:
+        raise UnsupportedModel(
+            f"architecture '{model_type}' has no SwitchGLU expert blocks, so there is nothing to stream; "
+            f"supported: mlx-lm MoE models with SwitchGLU experts (tested: {', '.join(TESTED_FAMILIES)})"
+        )
+    if len({b.layer for b in blocks}) != len(blocks):
+        raise UnsupportedModel(f"{model_type}: more than one expert block in a layer is not supported")
+    return sorted(blocks, key=lambda b: b.layer)
+
+
+def router_paths(model: nn.Module, blocks: list[ExpertBlock]) -> set[str]:
+    """Linear children of each MoE block (gate, router, shared_expert_gate): routing decisions."""
+    parents = {b.parent for b in blocks}
+    return {
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[0] in parents
+    }

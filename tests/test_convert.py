@@ -1,0 +1,295 @@
+"""The converter against independent oracles: stock `mlx_lm.convert` logits, source tensors, the format spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import run_cli
+from fixtures import FAMILIES
+from mlx_lm import load as mlx_load
+from mlx_lm.convert import convert as mlx_convert
+from mlx_lm.utils import load_model
+
+from flashmoe_mlx.convert import Precision, convert
+from flashmoe_mlx.format import read_manifest, read_stacked_experts, verify_checkpoint
+
+
+def load_resident(path: Path):
+    """An mlx-lm model holding a flashmoe checkpoint fully in memory: dense shards + every expert record."""
+    model, _ = load_model(Path(path), strict=False)
+    for entry in read_manifest(path).layers:
+        model.load_weights(list(read_stacked_experts(path, entry).items()), strict=False)
+    return model
+
+
+def logits(model, seed=0, length=32):
+    vocab = model.args.vocab_size if hasattr(model.args, "vocab_size") else model.args.text_config["vocab_size"]
+    tokens = mx.array(np.random.default_rng(seed).integers(0, vocab, (1, length)))
+    out = model(tokens)
+    mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_convert_matches_mlx_lm_convert(family, hf_checkpoint, tmp_path):
+    """Same bits and group everywhere: our checkpoint computes mlx_lm.convert's logits."""
+    src = hf_checkpoint(family)
+    ours = convert(tmp_path / "fm", hf_path=str(src), precision=Precision.from_flags(bits=8, expert_bits=8), progress=False)
+    mlx_convert(str(src), str(tmp_path / "ref"), quantize=True, q_bits=8, q_group_size=64)
+    ref, _ = mlx_load(str(tmp_path / "ref"))
+    a, b = logits(ref), logits(load_resident(ours))
+    assert a.dtype == b.dtype == mx.float32
+    assert mx.abs(a - b).max().item() <= 1e-4
+    verify_checkpoint(ours)
+
+
+def test_group_size_32_keeps_model_router_floor(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("qwen3_moe")
+    ours = convert(tmp_path / "fm", hf_path=str(src),
+                   precision=Precision.from_flags(bits=8, expert_bits=8, group_size=32), progress=False)
+    mlx_convert(str(src), str(tmp_path / "ref"), quantize=True, q_bits=8, q_group_size=32)
+    ref, _ = mlx_load(str(tmp_path / "ref"))
+    assert mx.abs(logits(ref) - logits(load_resident(ours))).max().item() <= 1e-4
+    quant = json.loads((ours / "config.json").read_text())["quantization"]
+    # mlx-lm's own qwen3_moe predicate puts routers at 8 bits, group 64: a floor we keep.
+    assert quant["model.layers.0.mlp.gate"] == {"bits": 8, "group_size": 64, "mode": "affine"}
+    assert quant["model.layers.0.self_attn.q_proj"]["group_size"] == 32
+
+
+def test_mixed_precision_recipe_recorded_and_loaded(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("qwen3_next")
+    ours = convert(tmp_path / "fm", hf_path=str(src), precision=Precision.from_flags(recipe="3bit", router_bits=16),
+                   progress=False)
+    config = json.loads((ours / "config.json").read_text())
+    quant = config["quantization"]
+    layer = next(e for e in read_manifest(ours).layers)
+    bits = {t.name.split(".")[0]: t.bits for t in layer.tensors}
+    assert bits == {"gate_proj": 3, "up_proj": 3, "down_proj": 4}
+    assert quant[f"{layer.module}.gate_proj"]["bits"] == 3 and quant[f"{layer.module}.down_proj"]["bits"] == 4
+    # --router-bits 16 keeps routers unquantized, but the model's own 8-bit floor is never dropped: 16 > 8.
+    routers = [k for k in quant if k.endswith(("mlp.gate", "shared_expert_gate"))]
+    assert routers and all(quant[k] is False for k in routers)
+    assert quant["model.embed_tokens"]["bits"] == 6 and quant["lm_head"]["bits"] == 6
+    assert quant["model.layers.0.mlp.shared_expert.up_proj"]["bits"] == 4
+    model = load_resident(ours)
+    assert model.model.layers[0].mlp.gate.__class__.__name__ == "Linear"
+    assert model.model.layers[0].mlp.switch_mlp.gate_proj.bits == 3
+    assert model.model.layers[0].mlp.switch_mlp.down_proj.bits == 4
+    assert np.isfinite(np.array(logits(model))).all()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe"])
+def test_mlx_repack_is_bit_exact(family, mlx_checkpoint, tmp_path):
+    src = mlx_checkpoint(family, 4, 64)
+    ours = convert(tmp_path / "fm", mlx_path=str(src), progress=False)
+    source = {}
+    for shard in src.glob("model*.safetensors"):
+        source.update(mx.load(str(shard)))
+    for entry in read_manifest(ours).layers:
+        for key, value in read_stacked_experts(ours, entry).items():
+            assert value.dtype == source[key].dtype and mx.array_equal(value, source[key]).item(), key
+    dense = {}
+    for shard in ours.glob("model*.safetensors"):
+        dense.update(mx.load(str(shard)))
+    for key, value in dense.items():
+        assert mx.array_equal(value, source[key]).item(), key
+    ref, _ = mlx_load(str(src))
+    assert mx.abs(logits(ref) - logits(load_resident(ours))).max().item() == 0.0
+
+
+def _flip_byte(path: Path, offset: int):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_verify_catches_flipped_byte_and_truncation(hf_checkpoint, tmp_path):
+    out = convert(tmp_path / "fm", hf_path=str(hf_checkpoint("olmoe")), progress=False)
+    ok = run_cli("flashmoe_mlx.convert", "--verify", out, "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    entry = read_manifest(out).layers[-1]
+    layer_file = out / "experts" / entry.file
+    _flip_byte(layer_file, entry.record_offset(5) + 100)
+    bad = run_cli("flashmoe_mlx.convert", "--verify", out, "--quiet")
+    assert bad.returncode != 0
+    assert f"{entry.file}: layer {entry.layer} expert 5: checksum mismatch" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    _flip_byte(layer_file, entry.record_offset(5) + 100)
+    with open(layer_file, "r+b") as f:
+        f.truncate(layer_file.stat().st_size - 4096)
+    bad = run_cli("flashmoe_mlx.convert", "--verify", out, "--quiet")
+    assert bad.returncode != 0 and "truncated" in bad.stderr and entry.file in bad.stderr
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flashmoe_mlx.synthetic import MoEShape, write_hf_checkpoint
+
+    shape = MoEShape(hidden_size=256, moe_intermediate_size=256, num_experts=32, num_experts_per_tok=4,
+                     num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512)
+    src = write_hf_checkpoint(tmp_path / "src", shape, dtype="float32")
+    args = ["--hf-path", src, "--quiet", "--recipe", "3bit"]
+    whole = run_cli("flashmoe_mlx.convert", *args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "killed"
+    state = out.with_name("killed.partial") / ".flashmoe-convert"
+    proc = subprocess.Popen([sys.executable, "-m", "flashmoe_mlx.convert", *map(str, args), "--out", str(out)])
+    deadline = time.time() + 120
+    while len(list(state.glob("unit-*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the conversion finished before it could be killed"
+    done = len(list(state.glob("unit-*.json")))
+    assert 3 <= done < 25
+    # Without --resume the interrupted work is neither lost nor silently overwritten.
+    refused = run_cli("flashmoe_mlx.convert", *args, "--out", out)
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    resumed = run_cli("flashmoe_mlx.convert", *args, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "whole")
+
+
+def test_resume_checks_finished_units_and_redoes_damaged_ones(hf_checkpoint, tmp_path, monkeypatch):
+    from flashmoe_mlx.convert import pipeline
+
+    src = str(hf_checkpoint("mixtral"))
+    whole = convert(tmp_path / "whole", hf_path=src, progress=False)
+    real = pipeline.Converter.convert_unit
+    done = []
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(self, staging, unit):
+        if len(done) == 2:
+            raise Crash
+        done.append(unit)
+        return real(self, staging, unit)
+
+    monkeypatch.setattr(pipeline.Converter, "convert_unit", crash_after_two)
+    out = tmp_path / "fm"
+    with pytest.raises(Crash):
+        convert(out, hf_path=src, progress=False)
+    layer_files = sorted((tmp_path / "fm.partial" / "experts").glob("layer_*.bin"))
+    assert len(layer_files) == 1  # units 0 (embeddings) and 1 (layer 0) finished
+    _flip_byte(layer_files[0], 20000)
+    done.clear()
+    monkeypatch.setattr(pipeline.Converter, "convert_unit", lambda self, st, u: done.append(u) or real(self, st, u))
+    convert(out, hf_path=src, progress=False, resume=True)
+    assert done == list(range(1, len(done) + 1))  # damaged layer 0 redone, unit 0 only checked
+    assert _tree_bytes(out) == _tree_bytes(whole)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hf-path", "{missing}", "--out", "{out}"], "no such directory"),
+        (["--hf-path", "{src}", "--out", "{out}", "--expert-bits", "5"], "invalid choice"),
+        (["--hf-path", "{src}", "--out", "{out}", "--recipe", "3bit", "--expert-bits", "4"], "not both"),
+        (["--hf-path", "{src}", "--out", "{out}", "--group-size", "48"], "invalid choice"),
+        (["--mlx-path", "{src}", "--out", "{out}"], "expects a quantized"),
+        (["--hf-path", "{src}"], "--out is required"),
+        (["--verify", "{missing}"], "manifest is missing"),
+    ],
+)
+def test_bad_flags_and_paths_give_one_line_errors(args, message, hf_checkpoint, tmp_path):
+    subs = {"missing": tmp_path / "nope", "out": tmp_path / "out", "src": hf_checkpoint("qwen3_moe")}
+    result = run_cli("flashmoe_mlx.convert", *[a.format(**subs) for a in args])
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints_give_one_line_errors(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("qwen3_moe")
+
+    def fails(path, message, *extra):
+        result = run_cli("flashmoe_mlx.convert", "--hf-path", path, "--out", tmp_path / "out", "--quiet", *extra)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+    no_config = _copy_checkpoint(src, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    fails(no_config, "config.json: missing")
+
+    no_shard = _copy_checkpoint(src, tmp_path / "no_shard")
+    sorted(no_shard.glob("model-*.safetensors"))[0].unlink()
+    fails(no_shard, "is missing")
+
+    truncated = _copy_checkpoint(src, tmp_path / "truncated")
+    shard = sorted(truncated.glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1000)
+    fails(truncated, "truncated")
+
+    dense = _copy_checkpoint(src, tmp_path / "dense")
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps(dict(config, model_type="llama", architectures=["LlamaForCausalLM"])))
+    fails(dense, "qwen3_moe")  # the message lists what is supported
+
+    unknown = _copy_checkpoint(src, tmp_path / "unknown")
+    (unknown / "config.json").write_text(json.dumps(dict(config, model_type="no_such_moe")))
+    fails(unknown, "no architecture 'no_such_moe'")
+
+    odd = _copy_checkpoint(src, tmp_path / "odd")
+    fails(odd, "not divisible by group size 128", "--group-size", "128") if config["hidden_size"] % 128 else None
+
+    (tmp_path / "out").mkdir()
+    result = run_cli("flashmoe_mlx.convert", "--hf-path", src, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    result = run_cli("flashmoe_mlx.convert", "--hf-path", src, "--out", tmp_path / "out", "--quiet", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    verify_checkpoint(tmp_path / "out")
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    result = run_cli("flashmoe_mlx.convert", "--hf-path", "someone/some-moe", "--out", tmp_path / "out",
+                     env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "offline" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_disk_full_is_a_clear_error_and_resumable(hf_checkpoint, tmp_path):
+    import os
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.fail("this test mounts a 256 KiB tmpfs and needs root (CI runs as root)")
+    try:
+        src = hf_checkpoint("qwen3_moe")
+        result = run_cli("flashmoe_mlx.convert", "--hf-path", src, "--out", mount / "out", "--quiet")
+        assert result.returncode != 0 and "disk full" in result.stderr and "Traceback" not in result.stderr
+        assert not (mount / "out").exists()
+        partial = mount / "out.partial"
+        assert not [p for p in partial.rglob(".tmp-*")], "half-written temporaries were left behind"
+        os.system(f"mount -o remount,size=4m {mount}")
+        result = run_cli("flashmoe_mlx.convert", "--hf-path", src, "--out", mount / "out", "--quiet", "--resume")
+        assert result.returncode == 0, result.stderr
+        verify_checkpoint(mount / "out")
+    finally:
+        subprocess.run(["umount", str(mount)])
