@@ -112,7 +112,7 @@ class _Family:
     config_class: str  # transformers config class
     model_class: str  # transformers causal-LM class the reference model is built with
     config: dict  # config kwargs on top of _COMMON
-    fix_config: Callable[[dict], dict] | None = None  # config.json post-processing beyond _legacy_rope_keys
+    fix_config: Callable[[dict], dict] | None = None  # config.json post-processing beyond _legacy_config_keys
     fix_weights: Callable[[dict], dict] | None = None  # transformers' saved layout -> real checkpoint layout
     # True: save the layout transformers reverts to on save (per-expert tensors for most families);
     # False: save transformers' in-memory layout (fused 3D expert tensors).
@@ -329,6 +329,8 @@ def build_hf_model(family: str, *, seed: int = 0) -> torch.nn.Module:
     """The float32 transformers model (eval mode) that ``make_hf_checkpoint(family, seed=seed)`` writes."""
     import transformers
 
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     spec = _FAMILIES[family]
     config = getattr(transformers, spec.config_class)(**{**_COMMON, **spec.config})
     torch.manual_seed(seed)
@@ -342,7 +344,7 @@ def _perturb_constant_tensors(model: torch.nn.Module, seed: int) -> None:
     such constant tensor some noise so a loader that drops or mis-maps it changes the logits."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for _, tensor in sorted(model.state_dict().items()):
+        for _name, tensor in sorted(model.state_dict().items()):
             flat = tensor.reshape(-1)
             if tensor.is_floating_point() and flat.numel() > 1 and bool((flat == flat[0]).all()):
                 tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
@@ -352,13 +354,10 @@ def make_hf_checkpoint(family: str, path: Path, *, seed: int = 0, dtype: str = "
     """Write a tiny sharded HF checkpoint of ``family`` into ``path`` (created) and return ``path``."""
     from safetensors.torch import load_file
 
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    model = build_hf_model(family, seed=seed).to(getattr(torch, dtype))
     spec = _FAMILIES[family]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-
-    model = build_hf_model(family, seed=seed).to(getattr(torch, dtype))
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch, save_original_format=spec.original_format)
         weights = load_file(Path(scratch) / "model.safetensors")
@@ -383,7 +382,8 @@ def make_mlx_checkpoint(
     family: str, path: Path, *, bits: int = 4, group_size: int = 64, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Quantize the HF fixture with stock ``mlx_lm.convert`` (an mlx-community style checkpoint) into ``path``
-    (which must not exist yet). ``dtype`` is the HF fixture's dtype, kept by convert for unquantized tensors."""
+    (which must not exist yet). ``dtype`` is the HF fixture's dtype, which convert keeps for the unquantized
+    tensors; note mlx's CPU backend runs the MoE experts (gather_mm) in float32 only."""
     from mlx_lm.convert import convert
 
     path = Path(path)

@@ -293,3 +293,40 @@ def test_disk_full_is_a_clear_error_and_resumable(hf_checkpoint, tmp_path):
         verify_checkpoint(mount / "out")
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_fp8_block_scaled_source_matches_mlx_lm(hf_checkpoint, tmp_path):
+    """DeepSeek-V3-style FP8 (e4m3 + 128x128 weight_scale_inv) goes through mlx-lm's sanitize like mlx_lm.convert."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "fp8"
+    shutil.copytree(hf_checkpoint("deepseek_v3"), src)
+    for shard in src.glob("model-*.safetensors"):
+        tensors = load_file(shard)
+        for key in [k for k, v in tensors.items() if k.endswith("proj.weight") and v.ndim == 2]:
+            w = tensors[key].float()
+            rows, cols = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
+            padded = torch.nn.functional.pad(w, (0, cols * 128 - w.shape[1], 0, rows * 128 - w.shape[0]))
+            blocks = padded.reshape(rows, 128, cols, 128)
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
+            q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[: w.shape[0], : w.shape[1]]
+            tensors[key] = q.to(torch.float8_e4m3fn)
+            tensors[key.replace(".weight", ".weight_scale_inv")] = scale.float()
+        save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in src.glob("model-*.safetensors"):
+        for key in load_file(shard):
+            index["weight_map"][key] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(config))
+
+    ours = convert(tmp_path / "fm", hf_path=str(src), precision=Precision.from_flags(bits=8, expert_bits=8), progress=False)
+    mlx_convert(str(src), str(tmp_path / "ref"), quantize=True, q_bits=8, q_group_size=64)
+    ref, _ = mlx_load(str(tmp_path / "ref"))
+    assert mx.abs(logits(ref) - logits(load_resident(ours))).max().item() <= 1e-4
+    assert json.loads((ours / "config.json").read_text())["quantization_config"]["bits"] == 8
