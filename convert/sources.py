@@ -7,11 +7,13 @@ opening every shard lazily (`mx.load` maps tensors; bytes are read only when a t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+
+from flashmoe_mlx.hub import NotFound, resolve_path
+from flashmoe_mlx.layout import check_safetensors_file
 
 # Files that travel with a checkpoint besides its weights and config.
 SIDE_FILES = (
@@ -36,25 +38,6 @@ class Source:
     def side_files(self) -> list[Path]:
         found = {p for pattern in SIDE_FILES for p in self.path.glob(pattern) if p.is_file()}
         return sorted(found)
-
-
-def resolve_path(src: str) -> Path:
-    """A local directory, or a hub repo id fetched with huggingface_hub (weights, config, tokenizer)."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise SourceError(f"{src}: not a directory")
-        return path
-    if src.count("/") != 1 or src.startswith((".", "/", "~")):
-        raise SourceError(f"{src}: no such directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", *SIDE_FILES]))
-    except Exception as e:  # noqa: BLE001 - every hub failure becomes one clear message
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(e).lower()
-        why = "the hub cannot be reached (offline?)" if offline else f"{type(e).__name__}: {e}"
-        raise SourceError(f"{src}: not a local directory, and fetching it from the hub failed: {why}") from None
 
 
 def _read_config(path: Path) -> dict:
@@ -86,7 +69,10 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def open_source(src: str, *, expect_quantized: bool) -> Source:
-    path = resolve_path(src)
+    try:
+        path = resolve_path(src, ["*.json", "*.safetensors", *SIDE_FILES])
+    except NotFound as e:
+        raise SourceError(str(e)) from None
     config = _read_config(path)
     quantized = "quantization" in config
     if expect_quantized and not quantized:
@@ -96,24 +82,12 @@ def open_source(src: str, *, expect_quantized: bool) -> Source:
         raise SourceError(f"{path}: already an mlx-lm quantized checkpoint; repack it with --mlx-path")
     weights, shard_of = {}, {}
     for shard in _shard_files(path):
+        check_safetensors_file(shard)
         try:
             tensors = mx.load(str(shard))
         except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError for bad headers
             raise SourceError(f"{shard}: unreadable safetensors file ({e})") from None
-        size = shard.stat().st_size
         for key, value in tensors.items():
             weights[key] = value
             shard_of[key] = shard.name
-        # mx.load only parses the header: check the data it promises is all there.
-        expected = _safetensors_size(shard)
-        if size < expected:
-            raise SourceError(f"{shard}: truncated ({size} bytes, its header describes {expected})")
     return Source(path, config, weights, shard_of, quantized)
-
-
-def _safetensors_size(shard: Path) -> int:
-    with open(shard, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0)

@@ -1,0 +1,94 @@
+"""`StreamedSwitchGLU`: mlx-lm's SwitchGLU computed over a pool of slots filled by the expert store.
+
+Owns the per-layer step: one host sync for the routed expert ids, the store makes them resident, the ids
+are remapped to slots, and mlx-lm's own `SwitchGLU.__call__` runs over the pool (so the arithmetic is
+mlx-lm's, kernel for kernel). When a batch routes to more distinct experts than the layer has slots
+(long prefills under small budgets), it runs in waves: each wave's experts are read once and applied to
+all of their tokens, and the wave is evaluated before its slots are reused.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+
+from .store import ExpertStore
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _pool_linear(tensors: dict[str, mx.array], quant: dict | None) -> nn.Module:
+    """A (Quantized)SwitchLinear whose parameters are the pool's arrays (shared, not copied)."""
+    module = (QuantizedSwitchLinear if quant else SwitchLinear).__new__(QuantizedSwitchLinear if quant else SwitchLinear)
+    nn.Module.__init__(module)
+    if quant:
+        module.group_size, module.bits, module.mode = quant["group_size"], quant["bits"], quant["mode"]
+        module.global_scale = None
+    for name, array in tensors.items():
+        module[name] = array
+    module.freeze()
+    return module
+
+
+class StreamedSwitchGLU(SwitchGLU):
+    def __init__(self, activation: nn.Module, layer: int):
+        nn.Module.__init__(self)
+        self.activation = activation
+        self.layer = layer
+        self.store: ExpertStore | None = None
+
+    def bind(self, store: ExpertStore):
+        """Attach the store's pool for this layer as gate/up/down projection parameters."""
+        pool = store.pools[self.layer]
+        for proj in PROJECTIONS:
+            specs = pool.layout.projection(proj)
+            quant = next((t.quant for t in specs.values() if t.quant), None)
+            setattr(self, proj, _pool_linear({p: pool.tensors[t.name] for p, t in specs.items()}, quant))
+        self.store = store
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        ids = np.array(indices)  # the layer's one host sync
+        experts = np.unique(ids)
+        capacity = self.store.capacity(self.layer)
+        if len(experts) <= capacity:
+            slots = self.store.fetch(self.layer, experts)
+            slot_of = np.zeros(experts[-1] + 1, np.uint32)
+            slot_of[experts] = slots
+            return super().__call__(x, mx.array(slot_of[ids]))
+        return self._waves(x, ids, experts, capacity)
+
+    def _waves(self, x: mx.array, ids: np.ndarray, experts: np.ndarray, capacity: int) -> mx.array:
+        k = ids.shape[-1]
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_ids = ids.reshape(-1)
+        out = None
+        for start in range(0, len(experts), capacity):
+            wave = experts[start : start + capacity]
+            if out is not None:
+                mx.eval(out)  # the previous wave's slots may be refilled now
+            slot_of = np.zeros(experts[-1] + 1, np.uint32)
+            slot_of[wave] = self.store.fetch(self.layer, wave)
+            pairs = np.nonzero(np.isin(flat_ids, wave))[0]
+            slot_ids = mx.array(slot_of[flat_ids[pairs]][:, None])
+            y = super().__call__(flat_x[mx.array(pairs // k)], slot_ids)[:, 0]
+            if out is None:
+                out = mx.zeros((flat_ids.size, y.shape[-1]), y.dtype)
+            out[mx.array(pairs)] = y
+        return out.reshape(*ids.shape, -1)
+
+
+def swap_expert_blocks(model: nn.Module) -> dict[int, str]:
+    """Replace every SwitchGLU in `model` by an (unbound) StreamedSwitchGLU; return {layer: module path}."""
+    from .architecture import expert_blocks
+
+    blocks = expert_blocks(model, getattr(model, "model_type", "?"))
+    for block in blocks:
+        parent_path, _, name = block.path.rpartition(".")
+        parent = model
+        for part in parent_path.split("."):
+            parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
+        original = getattr(parent, name)
+        setattr(parent, name, StreamedSwitchGLU(original.activation, block.layer))
+    return {b.layer: b.path for b in blocks}
