@@ -44,6 +44,13 @@ def parse_size(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def available_memory() -> int:
     """What the process may use: Metal's recommended working set, else physical memory."""
     if mx.metal.is_available():
@@ -150,8 +157,8 @@ def load(
     slots = min(budget // per_slot, max(l.num_experts for l in layouts))
     if slots < top_k:
         raise LoadError(
-            f"memory budget {budget / 1e9:.3f} GB is too small: every MoE layer needs {top_k} slots of its top-k "
-            f"experts, so the minimum is {top_k * per_slot} bytes ({top_k * per_slot / 1e9:.3f} GB)"
+            f"memory budget {human_bytes(budget)} is too small: every MoE layer needs {top_k} slots for its top-k "
+            f"experts, so the minimum is {top_k * per_slot} bytes ({human_bytes(top_k * per_slot)})"
         )
     store = ExpertStore(layouts, int(slots), threads=threads, policy=policy, verify_reads=verify_reads,
                         float_dtype=float_dtype)

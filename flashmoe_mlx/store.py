@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -87,6 +87,10 @@ class ExpertStore:
     def reset_stats(self):
         self._stats = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "read_seconds": 0.0, "reads": 0}
 
+    def counters(self) -> dict:
+        """The running counters alone (hits, misses, evictions, bytes_read, read_seconds, reads)."""
+        return dict(self._stats)
+
     def stats(self) -> dict:
         pool_bytes = sum(a.nbytes for p in self.pools.values() for a in p.tensors.values())
         lookups = self._stats["hits"] + self._stats["misses"]
@@ -139,49 +143,60 @@ class ExpertStore:
         return have
 
     def _load(self, pool: LayerPool, experts: np.ndarray, slots: np.ndarray):
+        """Read the given experts into the given slots. Each expert is installed into the pool as soon as
+        its bytes are in, so the copies overlap the reads still in flight."""
         layout = pool.layout
         order = np.argsort(experts)  # sorted ids make adjacent spans adjacent rows
         experts, slots = experts[order], slots[order]
-        per_expert = sum(s.length for s in layout.segments)
-        batch = max(1, STAGING_BYTES // per_expert)
+        batch = max(1, STAGING_BYTES // sum(s.length for s in layout.segments))
         for start in range(0, len(experts), batch):
             ids, dst = experts[start : start + batch], slots[start : start + batch]
-            buffers = self._buffers(layout, min(batch, len(experts)))
-            self._read(pool, ids, buffers)
-            if self.verify_reads and layout.checksums is not None:
-                for row, e in enumerate(ids):
-                    if checksum(buffers[0][row]) != layout.checksums[e]:
-                        raise FormatError(f"{layout.segments[0].file}: layer {layout.layer} expert {e}: checksum mismatch")
-            index = mx.array(dst.astype(np.uint32))
-            for t in layout.tensors:
-                raw = buffers[t.segment][: len(ids), t.offset : t.offset + t.nbytes]
-                value = mx.array(np.ascontiguousarray(raw).view(DTYPES[t.dtype]).reshape(len(ids), *t.shape))
-                if t.dtype == "bfloat16":
-                    value = value.view(mx.bfloat16)
-                target = pool.tensors[t.name]
-                # In-place slot update: the pool array is held once (by its module), so MLX donates it.
-                target[index] = value.astype(target.dtype)
+            buffers = self._buffers(layout, len(ids))
+            jobs = self._read_jobs(pool, ids, buffers)
+            waiting = np.full(len(ids), len(layout.segments))  # segments still to arrive, per row
+            t0 = time.perf_counter()
+            futures = {self._threads.submit(_pread, job[:3]): job for job in jobs}
+            for future in as_completed(futures):
+                fd, view, offset, rows, file = futures[future]
+                if future.result() != view.nbytes:
+                    raise FormatError(f"{file}: layer {layout.layer} expert {ids[rows.start]}: short read of "
+                                      f"{view.nbytes} bytes at offset {offset}; is the file truncated?")
+                waiting[rows] -= 1
+                for row in np.nonzero(waiting[rows] == 0)[0] + rows.start:
+                    self._install(pool, buffers, row, int(ids[row]), int(dst[row]))
+            self._stats["read_seconds"] += time.perf_counter() - t0
+            self._stats["bytes_read"] += sum(j[1].nbytes for j in jobs)
+            self._stats["reads"] += len(jobs)
 
-    def _read(self, pool: LayerPool, experts: np.ndarray, buffers: list[np.ndarray]):
+    def _install(self, pool: LayerPool, buffers: list[np.ndarray], row: int, expert: int, slot: int):
+        layout = pool.layout
+        if self.verify_reads and layout.checksums is not None and checksum(buffers[0][row]) != layout.checksums[expert]:
+            raise FormatError(f"{layout.segments[0].file}: layer {layout.layer} expert {expert}: checksum mismatch")
+        for t in layout.tensors:
+            raw = buffers[t.segment][row, t.offset : t.offset + t.nbytes]
+            value = mx.array(raw.view(DTYPES[t.dtype]).reshape(t.shape))
+            if t.dtype == "bfloat16":
+                value = value.view(mx.bfloat16)
+            target = pool.tensors[t.name]
+            # A slot is a contiguous slice: the update is a memcpy, and in place because the pool array is
+            # held once (by its module), so MLX donates its buffer.
+            target[slot] = value if value.dtype == target.dtype else value.astype(target.dtype)
+
+    @staticmethod
+    def _read_jobs(pool: LayerPool, experts: np.ndarray, buffers: list[np.ndarray]) -> list[tuple]:
+        """(fd, destination view, file offset, rows, file) per read; runs of adjacent spans merged up to MAX_READ."""
         jobs = []
         for seg, fd, buf in zip(pool.layout.segments, pool.fds, buffers):
             offsets = seg.offsets[experts]
+            limit = max(1, MAX_READ // seg.length)
             row = 0
             while row < len(experts):
                 end = row + 1
-                limit = max(1, MAX_READ // seg.length)
                 while end < len(experts) and end - row < limit and offsets[end] == offsets[end - 1] + seg.length:
                     end += 1
-                jobs.append((fd, buf[row:end].reshape(-1), int(offsets[row]), seg.file, int(experts[row])))
+                jobs.append((fd, buf[row:end].reshape(-1), int(offsets[row]), slice(row, end), seg.file))
                 row = end
-        t0 = time.perf_counter()
-        for n, (fd, view, offset, file, expert) in zip(self._threads.map(_pread, jobs), jobs):
-            if n != view.nbytes:
-                raise FormatError(f"{file}: layer {pool.layout.layer} expert {expert}: short read "
-                                  f"({n} of {view.nbytes} bytes at offset {offset}); is the file truncated?")
-        self._stats["read_seconds"] += time.perf_counter() - t0
-        self._stats["bytes_read"] += sum(j[1].nbytes for j in jobs)
-        self._stats["reads"] += len(jobs)
+        return jobs
 
     def close(self):
         self._threads.shutdown()
@@ -192,5 +207,5 @@ class ExpertStore:
 
 
 def _pread(job) -> int:
-    fd, view, offset, _, _ = job
+    fd, view, offset = job
     return os.preadv(fd, [view], offset)  # releases the GIL while the kernel copies
