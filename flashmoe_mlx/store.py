@@ -2,8 +2,14 @@
 
 Owns the pools (MLX arrays shaped like mlx-lm's stacked experts, `[slots, ...]`, held by the layer's
 projection modules so mlx-lm's own SwitchGLU math runs on them), the expert->slot maps, eviction, the
-reads (positional reads on a small thread pool into reusable page-aligned buffers, adjacent spans merged),
-and the stats. Bookkeeping is numpy arrays per layer: no Python object per expert on the hot path.
+reads, and the stats. Bookkeeping is numpy arrays per layer: no Python object per expert on the hot path.
+
+Reads are positional (`preadv`) on a small thread pool, one per packed record (its iovecs scatter the
+record's tensors), adjacent spans of stock checkpoints merged. Where the backend's arrays live in host
+memory that numpy can address (checked by a probe at start: the CPU backend; unified memory), a read lands
+directly in the slot: no copy at all. Otherwise (another dtype on the pool, a discrete GPU, or
+`verify_reads`) it lands in page-aligned reusable staging and is copied into the slot. Callers must not
+fetch into a layer while an unevaluated graph still reads its pool (StreamedSwitchGLU guarantees it).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .format import DTYPES, FormatError, checksum
+from .format import DTYPES, TENSOR_ALIGNMENT, FormatError, checksum
 from .layout import LayerLayout
 
 STAGING_BYTES = 64 << 20  # misses are read in batches of at most this many bytes
@@ -52,6 +58,7 @@ class LayerPool:
     expert_of: np.ndarray  # int32 [slots], -1 when free
     policy: LRU
     fds: list[int] = field(default_factory=list)
+    host: dict[str, np.ndarray | None] = field(default_factory=dict)  # direct-read views of `tensors`
 
 
 class ExpertStore:
@@ -73,14 +80,36 @@ class ExpertStore:
             self.pools[layout.layer] = LayerPool(layout, tensors, np.full(layout.num_experts, -1, np.int32),
                                                  np.full(slots, -1, np.int32), POLICIES[policy](slots), fds)
         mx.eval([p.tensors for p in self.pools.values()])
+        for pool in self.pools.values():
+            pool.host = {t.name: self._host_view(pool.tensors[t.name], t.dtype) for t in pool.layout.tensors}
+        self.direct = all(v is not None for p in self.pools.values() for v in p.host.values())
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-read")
         self._staging = {}
+        self._gap = np.empty(TENSOR_ALIGNMENT, np.uint8)  # sink for the alignment padding between tensors
         self.reset_stats()
 
     def _pool_dtype(self, dtype: str):
         if dtype in ("uint32", "uint8"):
             return getattr(mx, dtype)
         return self.float_dtype or getattr(mx, dtype)
+
+    @staticmethod
+    def _host_view(array: mx.array, stored: str) -> np.ndarray | None:
+        """[slots, nbytes] uint8 numpy view of a pool array's own memory, or None where reads cannot land there
+        (the pool holds another dtype than the record, or the backend's memory is not host memory)."""
+        if array.dtype != (mx.bfloat16 if stored == "bfloat16" else getattr(mx, stored)):
+            return None
+        bits = array.view(mx.uint16) if stored == "bfloat16" else array
+        try:
+            host = np.asarray(memoryview(bits)).reshape(array.shape[0], -1).view(np.uint8)
+        except (TypeError, ValueError, BufferError):
+            return None
+        # Probe: a byte written through the view must be what MLX then computes with.
+        before = int(host[0, 0])
+        host[0, 0] = before ^ 0x5A
+        seen = int(np.array(array.reshape(-1).view(mx.uint8)[:1])[0])
+        host[0, 0] = before
+        return host if seen == before ^ 0x5A else None
 
     # ---------------------------------------------------------------- stats
 
@@ -143,37 +172,86 @@ class ExpertStore:
         return have
 
     def _load(self, pool: LayerPool, experts: np.ndarray, slots: np.ndarray):
-        """Read the given experts into the given slots. Each expert is installed into the pool as soon as
-        its bytes are in, so the copies overlap the reads still in flight."""
+        """Read the given experts into the given slots, in batches that fit the staging buffers."""
         layout = pool.layout
         order = np.argsort(experts)  # sorted ids make adjacent spans adjacent rows
         experts, slots = experts[order], slots[order]
         batch = max(1, STAGING_BYTES // sum(s.length for s in layout.segments))
         for start in range(0, len(experts), batch):
             ids, dst = experts[start : start + batch], slots[start : start + batch]
-            buffers = self._buffers(layout, len(ids))
-            jobs = self._read_jobs(pool, ids, buffers)
+            staged = self.verify_reads or any(pool.host[t.name] is None for t in layout.tensors)
+            staging = self._buffers(layout, len(ids)) if staged else None
+            jobs = self._read_jobs(pool, ids, dst, staging)
             waiting = np.full(len(ids), len(layout.segments))  # segments still to arrive, per row
             t0 = time.perf_counter()
-            futures = {self._threads.submit(_pread, job[:3]): job for job in jobs}
+            futures = {self._threads.submit(_preadv, job[:3]): job for job in jobs}
             for future in as_completed(futures):
-                fd, view, offset, rows, file = futures[future]
-                if future.result() != view.nbytes:
+                fd, offset, views, rows, file = futures[future]
+                expected = sum(v.nbytes for v in views)
+                if future.result() != expected:
                     raise FormatError(f"{file}: layer {layout.layer} expert {ids[rows.start]}: short read of "
-                                      f"{view.nbytes} bytes at offset {offset}; is the file truncated?")
+                                      f"{expected} bytes at offset {offset}; is the file truncated?")
                 waiting[rows] -= 1
                 for row in np.nonzero(waiting[rows] == 0)[0] + rows.start:
-                    self._install(pool, buffers, row, int(ids[row]), int(dst[row]))
+                    self._install(pool, staging, row, int(ids[row]), int(dst[row]))
             self._stats["read_seconds"] += time.perf_counter() - t0
-            self._stats["bytes_read"] += sum(j[1].nbytes for j in jobs)
+            self._stats["bytes_read"] += sum(v.nbytes for j in jobs for v in j[2])
             self._stats["reads"] += len(jobs)
 
-    def _install(self, pool: LayerPool, buffers: list[np.ndarray], row: int, expert: int, slot: int):
+    def _direct(self, pool: LayerPool, name: str) -> np.ndarray | None:
+        """The slot view a read lands in directly, or None when it goes through staging."""
+        return None if self.verify_reads else pool.host[name]
+
+    def _read_jobs(self, pool: LayerPool, experts: np.ndarray, slots: np.ndarray, staging: list[np.ndarray]):
+        """(fd, file offset, destination views, staging rows, file) per read.
+
+        A packed record is one read whose iovecs put each tensor straight into its slot (or staging); a stock
+        tensor span is one read, merged with the next expert's when both file and slot are adjacent."""
         layout = pool.layout
-        if self.verify_reads and layout.checksums is not None and checksum(buffers[0][row]) != layout.checksums[expert]:
+        jobs = []
+        if layout.checksums is not None:  # packed records: one segment, one read per expert
+            seg, fd = layout.segments[0], pool.fds[0]
+            tensors = sorted(layout.tensors, key=lambda t: t.offset)
+            for row, (expert, slot) in enumerate(zip(experts, slots)):
+                if self.verify_reads:  # the checksum covers the whole record: read it whole into staging
+                    views = [staging[0][row]]
+                else:
+                    views, pos = [], 0
+                    for t in tensors:
+                        if t.offset > pos:
+                            views.append(self._gap[: t.offset - pos])
+                        host = self._direct(pool, t.name)
+                        views.append(host[slot] if host is not None else staging[0][row, t.offset : t.offset + t.nbytes])
+                        pos = t.offset + t.nbytes
+                jobs.append((fd, int(seg.offsets[expert]), views, slice(row, row + 1), seg.file))
+            return jobs
+        for t in layout.tensors:  # stock checkpoints: one segment per tensor
+            seg, fd, host = layout.segments[t.segment], pool.fds[t.segment], self._direct(pool, t.name)
+            offsets = seg.offsets[experts]
+            limit = max(1, MAX_READ // seg.length)
+            row = 0
+            while row < len(experts):
+                end = row + 1
+                while (end < len(experts) and end - row < limit and offsets[end] == offsets[end - 1] + seg.length
+                       and (host is None or slots[end] == slots[end - 1] + 1)):
+                    end += 1
+                dest = host[slots[row] : slots[row] + end - row] if host is not None else staging[t.segment][row:end]
+                jobs.append((fd, int(offsets[row]), [dest.reshape(-1)], slice(row, end), seg.file))
+                row = end
+        return jobs
+
+    def _install(self, pool: LayerPool, staging: list[np.ndarray], row: int, expert: int, slot: int):
+        """Finish one expert whose bytes are in: check its checksum, copy what was staged into its slot."""
+        layout = pool.layout
+        if self.verify_reads and layout.checksums is not None and checksum(staging[0][row]) != layout.checksums[expert]:
             raise FormatError(f"{layout.segments[0].file}: layer {layout.layer} expert {expert}: checksum mismatch")
         for t in layout.tensors:
-            raw = buffers[t.segment][row, t.offset : t.offset + t.nbytes]
+            if self._direct(pool, t.name) is not None:
+                continue  # already in its slot
+            raw = staging[t.segment][row, t.offset : t.offset + t.nbytes]
+            if pool.host[t.name] is not None:
+                pool.host[t.name][slot] = raw
+                continue
             value = mx.array(raw.view(DTYPES[t.dtype]).reshape(t.shape))
             if t.dtype == "bfloat16":
                 value = value.view(mx.bfloat16)
@@ -181,22 +259,6 @@ class ExpertStore:
             # A slot is a contiguous slice: the update is a memcpy, and in place because the pool array is
             # held once (by its module), so MLX donates its buffer.
             target[slot] = value if value.dtype == target.dtype else value.astype(target.dtype)
-
-    @staticmethod
-    def _read_jobs(pool: LayerPool, experts: np.ndarray, buffers: list[np.ndarray]) -> list[tuple]:
-        """(fd, destination view, file offset, rows, file) per read; runs of adjacent spans merged up to MAX_READ."""
-        jobs = []
-        for seg, fd, buf in zip(pool.layout.segments, pool.fds, buffers):
-            offsets = seg.offsets[experts]
-            limit = max(1, MAX_READ // seg.length)
-            row = 0
-            while row < len(experts):
-                end = row + 1
-                while end < len(experts) and end - row < limit and offsets[end] == offsets[end - 1] + seg.length:
-                    end += 1
-                jobs.append((fd, buf[row:end].reshape(-1), int(offsets[row]), slice(row, end), seg.file))
-                row = end
-        return jobs
 
     def close(self):
         self._threads.shutdown()
@@ -206,6 +268,6 @@ class ExpertStore:
             pool.fds.clear()
 
 
-def _pread(job) -> int:
-    fd, view, offset = job
-    return os.preadv(fd, [view], offset)  # releases the GIL while the kernel copies
+def _preadv(job) -> int:
+    fd, offset, views = job
+    return os.preadv(fd, views, offset)  # releases the GIL while the kernel copies

@@ -38,6 +38,7 @@ class StreamedSwitchGLU(SwitchGLU):
         self.activation = activation
         self.layer = layer
         self.store: ExpertStore | None = None
+        self._last_output: mx.array | None = None  # the newest graph that reads this layer's pool
 
     def bind(self, store: ExpertStore):
         """Attach the store's pool for this layer as gate/up/down projection parameters."""
@@ -53,11 +54,22 @@ class StreamedSwitchGLU(SwitchGLU):
         experts = np.unique(ids)
         capacity = self.store.capacity(self.layer)
         if len(experts) <= capacity:
-            slots = self.store.fetch(self.layer, experts)
+            slots = self._fetch(experts)
             slot_of = np.zeros(experts[-1] + 1, np.uint32)
             slot_of[experts] = slots
-            return super().__call__(x, mx.array(slot_of[ids]))
-        return self._waves(x, ids, experts, capacity)
+            self._last_output = super().__call__(x, mx.array(slot_of[ids]))
+        else:
+            self._last_output = self._waves(x, ids, experts, capacity)
+        return self._last_output
+
+    def _fetch(self, experts: np.ndarray) -> np.ndarray:
+        # Reads may land straight in pool memory: whatever still reads the pool must have run first. In a
+        # forward pass it has (this layer's router depends on it); a caller holding an unevaluated forward
+        # while starting the next one pays one evaluation here.
+        if self._last_output is not None:
+            mx.eval(self._last_output)
+            self._last_output = None
+        return self.store.fetch(self.layer, experts)
 
     def _waves(self, x: mx.array, ids: np.ndarray, experts: np.ndarray, capacity: int) -> mx.array:
         k = ids.shape[-1]
@@ -67,9 +79,9 @@ class StreamedSwitchGLU(SwitchGLU):
         for start in range(0, len(experts), capacity):
             wave = experts[start : start + capacity]
             if out is not None:
-                mx.eval(out)  # the previous wave's slots may be refilled now
+                self._last_output = out  # the previous wave must run before its slots are refilled
             slot_of = np.zeros(experts[-1] + 1, np.uint32)
-            slot_of[wave] = self.store.fetch(self.layer, wave)
+            slot_of[wave] = self._fetch(wave)
             pairs = np.nonzero(np.isin(flat_ids, wave))[0]
             slot_ids = mx.array(slot_of[flat_ids[pairs]][:, None])
             y = super().__call__(flat_x[mx.array(pairs // k)], slot_ids)[:, 0]

@@ -166,3 +166,37 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadError, match="config.json: missing"):
         load(str(tmp_path / "empty"))
+
+
+def test_unevaluated_forward_passes_stay_exact(mlx_checkpoint):
+    """Reads land in pool memory: a pass left unevaluated must not see the next pass's experts."""
+    path = mlx_checkpoint("qwen3_moe")
+    ref, _ = mlx_load(str(path))
+    _, minimum = full_pool_bytes(path)
+    model, _ = load(str(path), memory_budget=minimum)
+    assert model.expert_store.direct  # the CPU backend's arrays are host memory: reads land in the slots
+    rng = np.random.default_rng(5)
+    batches = [mx.array(rng.integers(0, 500, (1, 24))) for _ in range(3)]
+    streamed = [model(b) for b in batches]  # no evaluation in between
+    mx.eval(streamed)
+    for b, out in zip(batches, streamed):
+        assert mx.abs(ref(b) - out).max().item() <= 1e-5
+    assert model.expert_store.stats()["evictions"] > 0
+
+
+@pytest.mark.parametrize("verify_reads", [False, True])
+def test_bf16_checkpoint_streams_in_float32_on_cpu(verify_reads, tmp_path):
+    """bf16 scales are converted into a float32 pool through staging; --verify-reads stages everything."""
+    from fixtures import make_mlx_checkpoint
+    from mlx.utils import tree_flatten
+
+    path = make_mlx_checkpoint("mixtral", tmp_path / "bf16", bits=4, group_size=64, dtype="bfloat16")
+    ref, tokenizer = mlx_load(str(path))
+    assert any(v.dtype == mx.bfloat16 for _, v in tree_flatten(ref.parameters()))
+    ref.set_dtype(mx.float32)
+    repacked = convert(tmp_path / "fm", mlx_path=str(path), progress=False)
+    for source in (path, repacked):
+        _, minimum = full_pool_bytes(source)
+        model, _ = load(str(source), memory_budget=minimum, verify_reads=verify_reads)
+        assert model.expert_store.direct is False
+        compare_logits(ref, model, tokenizer.vocab_size, seed=2)
