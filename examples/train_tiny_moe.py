@@ -252,8 +252,30 @@ def make_config(args, vocab_size: int, eos_id: int):
         moe_intermediate_size=args.moe_intermediate, decoder_sparse_step=1, mlp_only_layers=[],
         norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=args.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_dropout=args.attn_dropout,
         tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=args.aux_coef,
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, initializer_range=0.02)
+
+
+def add_dropout(model, p: float):
+    """Training-time dropout on the embedding output and on each block's attention and MoE outputs
+    (Qwen3-MoE has none of its own besides attention dropout); inactive in eval mode, nothing saved."""
+    import torch
+
+    if p <= 0:
+        return
+
+    def hook(module, inputs, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, True),) + tuple(output[1:])
+        return torch.nn.functional.dropout(output, p, True)
+
+    model.model.embed_tokens.register_forward_hook(hook)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
 
 
 def pick_experts_impl(model, device, dtype):
@@ -307,21 +329,23 @@ def unigram_nll(train_ids: np.ndarray, targets: np.ndarray, vocab: int) -> float
     return float(-logp[targets].mean())
 
 
-def expert_load(model, ids: np.ndarray, seq_len: int, device, dtype):
-    """Fraction of routed slots each expert gets, per layer, on a slice of held-out text."""
+def expert_load(model, ids: np.ndarray, seq_len: int, batch: int, device, dtype):
+    """Fraction of the routed (token, slot) pairs each expert gets, per layer, over the held-out ids."""
     import torch
 
-    t = torch.from_numpy(ids[: 8 * seq_len].astype(np.int64).reshape(8, seq_len)).to(device)
+    n = ids.size // seq_len
+    k, e = model.config.num_experts_per_tok, model.config.num_experts
+    counts = None
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(input_ids=t, output_router_logits=True)
+        for s in range(0, n, batch):
+            t = torch.from_numpy(ids[s * seq_len:min(n, s + batch) * seq_len].astype(np.int64))
+            out = model(input_ids=t.reshape(-1, seq_len).to(device), output_router_logits=True)
+            c = torch.stack([torch.bincount(rl.float().topk(k, dim=-1).indices.reshape(-1), minlength=e)
+                             for rl in out.router_logits]).cpu().numpy()
+            counts = c if counts is None else counts + c
     model.train()
-    k, e = model.config.num_experts_per_tok, model.config.num_experts
-    loads = []
-    for rl in out.router_logits:
-        top = rl.float().topk(k, dim=-1).indices.reshape(-1)
-        loads.append((torch.bincount(top, minlength=e).float() / top.numel()).cpu().numpy())
-    return np.stack(loads)
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 def save_checkpoint(model, out: Path, tok_dir: Path, shard: str):
@@ -333,10 +357,12 @@ def save_checkpoint(model, out: Path, tok_dir: Path, shard: str):
         f.unlink()
     model.config.output_router_logits = False
     model.config.use_cache = True
+    attn_dropout, model.config.attention_dropout = model.config.attention_dropout, 0.0
     model.to(torch.bfloat16)
     model.save_pretrained(str(out), max_shard_size=shard)
     model.to(torch.float32)
     model.config.output_router_logits = True
+    model.config.attention_dropout = attn_dropout
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     # fields other readers (mlx-lm's ModelArgs, older transformers, our converter) look for
@@ -381,6 +407,7 @@ def train(args) -> None:
 
     config = make_config(args, vocab, eos_id)
     model = Qwen3MoeForCausalLM(config).to(device)
+    add_dropout(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     impl = pick_experts_impl(model, device, amp)
@@ -464,7 +491,7 @@ def train(args) -> None:
     model.to(torch.bfloat16).to(torch.float32)
     nll, targets = evaluate(model, val_ids, L, args.eval_batch, device, torch.float32)
     uni = unigram_nll(train_ids, targets, vocab)
-    loads = expert_load(model, val_ids, L, device, torch.float32)
+    loads = expert_load(model, val_ids, L, args.eval_batch, device, torch.float32)
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "experts_impl": impl, "steps_planned": args.steps, "steps_run": step + 1, "best_step": best[1], "train_time_s": round(train_time, 1),
@@ -523,6 +550,8 @@ def main(argv=None):
     ap.add_argument("--moe-intermediate", type=int, default=128)
     ap.add_argument("--max-positions", type=int, default=2048)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--dropout", type=float, default=0.0, help="training-only residual-branch dropout")
+    ap.add_argument("--attn-dropout", type=float, default=0.0)
     # training
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seq-len", type=int, default=512)

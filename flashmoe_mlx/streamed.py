@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
+from . import kernels
 from .store import ExpertStore
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -38,6 +39,7 @@ class StreamedSwitchGLU(SwitchGLU):
         self.activation = activation
         self.layer = layer
         self.store: ExpertStore | None = None
+        self.fused = False  # whether the fused expert_swiglu kernel can serve this layer
         self._last_output: mx.array | None = None  # the newest graph that reads this layer's pool
 
     def bind(self, store: ExpertStore):
@@ -48,6 +50,7 @@ class StreamedSwitchGLU(SwitchGLU):
             quant = next((t.quant for t in specs.values() if t.quant), None)
             setattr(self, proj, _pool_linear({p: pool.tensors[t.name] for p, t in specs.items()}, quant))
         self.store = store
+        self.fused = kernels.supports_expert_swiglu(self)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         ids = np.array(indices)  # the layer's one host sync
@@ -57,10 +60,19 @@ class StreamedSwitchGLU(SwitchGLU):
             slots = self._fetch(experts)
             slot_of = np.zeros(experts[-1] + 1, np.uint32)
             slot_of[experts] = slots
-            self._last_output = super().__call__(x, mx.array(slot_of[ids]))
+            self._last_output = self._experts(x, mx.array(slot_of[ids]))
         else:
             self._last_output = self._waves(x, ids, experts, capacity)
         return self._last_output
+
+    def _experts(self, x: mx.array, slot_ids: mx.array) -> mx.array:
+        """Per-expert outputs [..., K, H]: the fused decode kernel where a backend runs it, else mlx-lm's math.
+        (The routing-weighted sum stays with mlx-lm's MoE block, which owns the scores.)"""
+        tokens = slot_ids.size // slot_ids.shape[-1]
+        if self.fused and tokens <= kernels.MAX_DECODE_TOKENS and kernels.active_runner() is not None:
+            y = kernels.expert_swiglu(x.reshape(tokens, -1), self, slot_ids.reshape(tokens, -1))
+            return y.reshape(*slot_ids.shape, -1)
+        return super().__call__(x, slot_ids)
 
     def _fetch(self, experts: np.ndarray) -> np.ndarray:
         # Reads may land straight in pool memory: whatever still reads the pool must have run first. In a

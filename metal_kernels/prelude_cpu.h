@@ -1,0 +1,47 @@
+// CPU emulation prelude: runs the Metal kernel bodies as C++ (g++) so that tests execute them on a machine
+// without a GPU. Every thread of a threadgroup is an OS thread; a SIMD-group's 32 threads meet at a
+// std::barrier to sum. Slow and exact in structure: for correctness, never for speed.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#define DEVICE
+#define THREAD
+#define DEVICE_FN inline
+#define SIMD_SUM(v) flashmoe_simd_sum(v)
+#define EXP(v) std::exp(v)
+
+struct FlashmoeSimdGroup {
+  std::barrier<> meet{32};
+  float values[32];
+};
+inline thread_local FlashmoeSimdGroup* flashmoe_simd = nullptr;
+inline thread_local uint32_t flashmoe_lane = 0;
+
+inline float flashmoe_simd_sum(float v) {
+  flashmoe_simd->values[flashmoe_lane] = v;
+  flashmoe_simd->meet.arrive_and_wait();
+  float sum = 0.0f;
+  for (int i = 0; i < 32; ++i) sum += flashmoe_simd->values[i];
+  flashmoe_simd->meet.arrive_and_wait();  // nobody overwrites values before all have read them
+  return sum;
+}
+
+// Run `body(lane, simd_in_tg, tg, tg_threads)` for every thread of `groups` threadgroups of `tg_threads`.
+template <typename Body>
+void flashmoe_launch(uint32_t groups, uint32_t tg_threads, Body body) {
+  for (uint32_t tg = 0; tg < groups; ++tg) {
+    std::vector<FlashmoeSimdGroup> simds(tg_threads / 32);
+    std::vector<std::thread> threads;
+    for (uint32_t i = 0; i < tg_threads; ++i) {
+      threads.emplace_back([&, i] {
+        flashmoe_simd = &simds[i / 32];
+        flashmoe_lane = i % 32;
+        body(i % 32, i / 32, tg, tg_threads);
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+}
+// ---- prologue ----

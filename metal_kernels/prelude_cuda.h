@@ -1,0 +1,16 @@
+// CUDA prelude: the same kernel bodies as CUDA twins (mx.fast.cuda_kernel). A SIMD-group is a warp of 32.
+// Above the prologue marker: header. Below it: lines prepended to each kernel body.
+#define DEVICE
+#define THREAD
+#define DEVICE_FN __device__ inline
+#define SIMD_SUM(v) flashmoe_warp_sum(v)
+#define EXP(v) expf(v)
+__device__ inline float flashmoe_warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+// ---- prologue ----
+const uint32_t LANE = threadIdx.x % 32;
+const uint32_t SIMD_IN_TG = threadIdx.x / 32;
+const uint32_t TG = blockIdx.x;
+const uint32_t TG_THREADS = blockDim.x;

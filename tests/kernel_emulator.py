@@ -1,0 +1,72 @@
+"""Runs the Metal kernel bodies on the CPU: each body is compiled with g++ against metal_kernels/prelude_cpu.h
+(threads for SIMD lanes, barriers for SIMD sums) and called through ctypes. A drop-in `runner` for
+flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe_mlx.kernels import THREADGROUP, Launch, prelude, read_source
+
+C_TYPES = {mx.float32: ("float", np.float32), mx.uint32: ("uint32_t", np.uint32)}
+BUILD_DIR = Path(tempfile.gettempdir()) / "flashmoe-kernel-emulator"
+
+
+def _constant(name: str, value) -> str:
+    if isinstance(value, mx.Dtype):
+        return f"using {name} = {C_TYPES[value][0]};"
+    return f"constexpr int {name} = {int(value)};"
+
+
+def _source(launch: Launch) -> str:
+    header, _ = prelude("cpu")
+    params = [f"const {C_TYPES[a.dtype][0]}* {n}" for n, a in launch.inputs.items()]
+    params += [f"{C_TYPES[d][0]}* {n}" for n, (_, d) in launch.outputs.items()]
+    args = [f"({p.rsplit(' ', 1)[0]})args[{i}]" for i, p in enumerate(params)]
+    return "\n".join([
+        header,
+        *(_constant(n, v) for n, v in launch.constants.items()),
+        f"static void body({', '.join(params)}, uint32_t LANE, uint32_t SIMD_IN_TG, uint32_t TG, uint32_t TG_THREADS) {{",
+        f'#line 1 "{launch.kernel}.metal"',
+        read_source(f"{launch.kernel}.metal"),
+        "}",
+        'extern "C" void run(void** args, uint32_t groups, uint32_t tg_threads) {',
+        "  flashmoe_launch(groups, tg_threads, [&](uint32_t lane, uint32_t simd, uint32_t tg, uint32_t n) {",
+        f"    body({', '.join(args)}, lane, simd, tg, n);",
+        "  });",
+        "}",
+    ])
+
+
+@lru_cache(maxsize=None)
+def _compile(source: str) -> ctypes.CDLL:
+    BUILD_DIR.mkdir(exist_ok=True)
+    stem = BUILD_DIR / hashlib.sha256(source.encode()).hexdigest()[:16]
+    if not stem.with_suffix(".so").exists():
+        stem.with_suffix(".cpp").write_text(source)
+        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                        "-Wno-unused-variable", "-o", str(stem.with_suffix(".tmp.so")), str(stem.with_suffix(".cpp"))],
+                       check=True, capture_output=True, text=True)
+        stem.with_suffix(".tmp.so").rename(stem.with_suffix(".so"))
+    lib = ctypes.CDLL(str(stem.with_suffix(".so")))
+    lib.run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint32, ctypes.c_uint32]
+    return lib
+
+
+def run_emulated(launch: Launch) -> list[mx.array]:
+    """Execute `launch` on the CPU. Outputs start poisoned (NaN / 0xFFFFFFFF) so unwritten elements show."""
+    lib = _compile(_source(launch))
+    inputs = [np.ascontiguousarray(np.array(a)) for a in launch.inputs.values()]
+    outputs = [np.full(shape, np.nan if dtype == mx.float32 else 0xFFFFFFFF, C_TYPES[dtype][1])
+               for shape, dtype in launch.outputs.values()]
+    pointers = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[a.ctypes.data for a in inputs + outputs])
+    lib.run(pointers, launch.grid // THREADGROUP, THREADGROUP)
+    return [mx.array(o) for o in outputs]
