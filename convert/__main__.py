@@ -67,6 +67,13 @@ def main(argv=None) -> int:
         if not args.out:
             parser.error("--out is required")
         precision = None
+        if args.mlx_path:
+            given = [f for f, v in (("--recipe", args.recipe), ("--expert-bits", args.expert_bits),
+                                    ("--dtype", args.dtype)) if v is not None]
+            given += [f for f, v, d in (("--bits", args.bits, 4), ("--router-bits", args.router_bits, 8),
+                                        ("--group-size", args.group_size, 64)) if v != d]
+            if given:
+                parser.error(f"{given[0]} does not apply to --mlx-path: a repack copies the stored precision")
         if args.hf_path:
             precision = Precision.from_flags(bits=args.bits, router_bits=args.router_bits, group_size=args.group_size,
                                              expert_bits=args.expert_bits, recipe=args.recipe)

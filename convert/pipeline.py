@@ -15,10 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm import __version__ as mlx_lm_version
 from tqdm import tqdm
 
 from flashmoe_mlx import __version__
 from flashmoe_mlx.architecture import ExpertBlock, build_model, expert_blocks, layer_of
+from flashmoe_mlx.layout import projection_quant
 from flashmoe_mlx.format import (
     EXPERTS_DIR,
     FORMAT_VERSION,
@@ -67,12 +69,14 @@ class Converter:
         if source.quantized:
             self.weights = source.weights
             self.plan = None
+            self.dtype = None
         else:
             # Only the sanitized table may hold the lazy source tensors, so each is freed once written.
             weights, source.weights = source.weights, {}
             if hasattr(self.model, "sanitize"):
                 weights = self.model.sanitize(weights)
-            self.weights = self._cast(weights, _source_dtype(self.config, dtype))
+            self.dtype = _source_dtype(self.config, dtype)
+            self.weights = self._cast(weights, self.dtype)
             self._check_keys()
             self.plan = quantization_plan(self.model, list(self.blocks.values()), precision)
         self.units = self._units()
@@ -120,7 +124,7 @@ class Converter:
         block = self.blocks.get(layer)
         prefix = block.path + "." if block else None
         expert_keys = [k for k in keys if prefix and k.startswith(prefix)]
-        dense = self._dense_tensors(layer, [k for k in keys if k not in set(expert_keys)], prefix)
+        dense = self._dense_tensors(layer, [k for k in keys if not (prefix and k.startswith(prefix))], prefix)
         files = []
         shard = self.shard_name(unit, len(self.units))
         tmp = staging.temp(shard)
@@ -186,14 +190,9 @@ class Converter:
             return self.plan.get(path) or None
         if f"{proj}.scales" not in names:
             return None
-        q = self.config["quantization"]
-        entry = q.get(path)
-        entry = dict(entry) if isinstance(entry, dict) else {"group_size": q.get("group_size", 64)}
         weight, scales = self.weights[f"{path}.weight"], self.weights[f"{path}.scales"]
-        in_dims = scales.shape[-1] * entry["group_size"]
-        entry.setdefault("bits", weight.shape[-1] * 32 // in_dims)
-        entry.setdefault("mode", q.get("mode", "affine"))
-        return entry
+        return projection_quant(self.config["quantization"], path, block.shapes[proj][2], weight.shape, scales.shape,
+                                str(scales.dtype).split(".")[-1])
 
     @staticmethod
     def _quantize_experts(w: mx.array, spec: dict) -> list[tuple[np.ndarray, str]]:
@@ -241,7 +240,9 @@ class Converter:
             "source": str(self.source.path.resolve()),
             "source_kind": "mlx" if self.source.quantized else "hf",
             "precision": asdict(self.precision) if self.plan is not None else None,
-            "dtype": str(_source_dtype(self.config, None)),
+            "dtype": str(self.dtype),
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm_version,
             "units": len(self.units),
         }
 

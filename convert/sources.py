@@ -43,11 +43,14 @@ class Source:
 def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text())
     except FileNotFoundError:
         raise SourceError(f"{cfg}: missing; a checkpoint directory needs its config.json") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SourceError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{cfg}: should hold a JSON object")
+    return config
 
 
 def _shard_files(path: Path) -> list[Path]:

@@ -39,6 +39,14 @@ def disk_error(e: BaseException, path: Path) -> OutputError:
     return OutputError(f"{path}: {what}; finished layers are kept, free space and rerun with --resume")
 
 
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Staging:
     def __init__(self, out: Path, job: dict, *, resume: bool, overwrite: bool):
         self.out = out
@@ -108,7 +116,10 @@ class Staging:
         tmp = path.with_name(f".tmp-{path.name}")
         try:
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as e:
             raise disk_error(e, tmp) from None
@@ -142,9 +153,12 @@ class Staging:
         shutil.rmtree(self.state)
         for leftover in self.dir.rglob(".tmp-*"):
             leftover.unlink()
+        for folder in {self.dir, *(p.parent for p in self.dir.rglob("*"))}:
+            _fsync_dir(folder)  # the renames inside are durable before the directory gets its final name
         old = self.out.with_name(self.out.name + ".old")
         if self.out.exists():
             os.replace(self.out, old)
         os.replace(self.dir, self.out)
+        _fsync_dir(self.out.parent)
         if old.exists():
             shutil.rmtree(old)

@@ -31,21 +31,31 @@ class ExpertBlock:
     path: str  # e.g. "model.layers.3.mlp.switch_mlp"
     parent: str  # the MoE block that owns it (its Linear children are routers)
     num_experts: int
+    shapes: dict  # projection -> unquantized stacked weight shape (num_experts, out, in)
 
 
 def build_model(config: dict) -> nn.Module:
     """The mlx-lm model for `config`, with lazily initialised (never evaluated) parameters."""
     model_type = config.get("model_type")
-    if not model_type:
+    model_class, args_class = model_classes(config)
+    try:
+        return model_class(args_class.from_dict(config))
+    except (TypeError, KeyError, ValueError) as e:
+        raise UnsupportedModel(f"config.json does not describe a valid {model_type} model ({e})") from None
+
+
+def model_classes(config: dict):
+    """mlx-lm's (Model, ModelArgs) for a config, or a clear error listing what is supported."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
         raise UnsupportedModel("config.json has no 'model_type'")
     try:
-        model_class, args_class = _get_classes(config)
+        return _get_classes(config)
     except ValueError:
         raise UnsupportedModel(
             f"mlx-lm has no architecture '{model_type}'; flashmoe streams mlx-lm MoE models with "
             f"SwitchGLU experts (tested: {', '.join(TESTED_FAMILIES)})"
         ) from None
-    return model_class(args_class.from_dict(config))
 
 
 def layer_of(key: str) -> int | None:
@@ -61,7 +71,8 @@ def expert_blocks(model: nn.Module, model_type: str = "?") -> list[ExpertBlock]:
             layer = layer_of(path + ".")
             if layer is None:
                 raise UnsupportedModel(f"{model_type}: expert block '{path}' is outside the decoder layers")
-            blocks.append(ExpertBlock(layer, path, path.rsplit(".", 1)[0], module.gate_proj.num_experts))
+            shapes = {p: tuple(getattr(module, p).weight.shape) for p in ("gate_proj", "up_proj", "down_proj")}
+            blocks.append(ExpertBlock(layer, path, path.rsplit(".", 1)[0], module.gate_proj.num_experts, shapes))
     if not blocks:
         raise UnsupportedModel(
             f"architecture '{model_type}' has no SwitchGLU expert blocks, so there is nothing to stream; "
@@ -70,6 +81,13 @@ def expert_blocks(model: nn.Module, model_type: str = "?") -> list[ExpertBlock]:
     if len({b.layer for b in blocks}) != len(blocks):
         raise UnsupportedModel(f"{model_type}: more than one expert block in a layer is not supported")
     return sorted(blocks, key=lambda b: b.layer)
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+    return module
 
 
 def router_paths(model: nn.Module, blocks: list[ExpertBlock]) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -119,9 +120,6 @@ class Manifest:
     alignment: int = ALIGNMENT
     version: int = FORMAT_VERSION
 
-    def by_layer(self) -> dict[int, LayerEntry]:
-        return {e.layer: e for e in self.layers}
-
     def to_json(self) -> str:
         doc = {
             "format": FORMAT_NAME,
@@ -188,6 +186,8 @@ def _require(doc: dict, key: str, kind, where: str):
 
 
 def _parse_tensor(doc: dict, where: str) -> TensorEntry:
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: a tensor entry should be an object, got {doc!r}")
     name = _require(doc, "name", str, where)
     where = f"{where} tensor '{name}'"
     dtype = _require(doc, "dtype", str, where)
@@ -214,6 +214,8 @@ def _parse_tensor(doc: dict, where: str) -> TensorEntry:
 
 
 def parse_layer(doc: dict, where: str, alignment: int = ALIGNMENT) -> LayerEntry:
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: a layer entry should be an object, got {doc!r}")
     layer = _require(doc, "layer", int, where)
     where = f"{where} layer {layer}"
     module = _require(doc, "module", str, where)
@@ -241,10 +243,9 @@ def parse_layer(doc: dict, where: str, alignment: int = ALIGNMENT) -> LayerEntry
     sums = _require(doc, "checksums", list, where)
     if len(sums) != num_experts:
         raise FormatError(f"{where}: field 'checksums' has {len(sums)} entries for {num_experts} experts")
-    try:
-        checksums = [int(c, 16) for c in sums]
-    except (TypeError, ValueError):
-        raise FormatError(f"{where}: field 'checksums' must hold 8-digit hex strings") from None
+    if not all(isinstance(c, str) and re.fullmatch("[0-9a-f]{8}", c) for c in sums):
+        raise FormatError(f"{where}: field 'checksums' must hold 8-digit lower-case hex strings")
+    checksums = [int(c, 16) for c in sums]
     return LayerEntry(layer, module, file, num_experts, record_size, data_offset, tensors, checksums)
 
 
@@ -253,7 +254,9 @@ def read_manifest(checkpoint: str | Path) -> Manifest:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FormatError(f"{path}: the expert manifest is missing") from None
+        raise FormatError(f"{path}: the expert manifest is missing; not a flashmoe checkpoint") from None
+    except OSError as e:
+        raise FormatError(f"{path}: unreadable ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     where = str(path)

@@ -13,7 +13,7 @@ import sys
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_PROMPT, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .generation import generate, stats_line, stream_generate
@@ -95,6 +95,17 @@ def _context_length(config: dict) -> int | None:
     return text.get("max_position_embeddings")
 
 
+def _rewind_to_consistent(cache) -> bool:
+    """After an interrupted step some layers may hold one token more than others: trim all to the shortest.
+    False when the cache cannot be trimmed (recurrent layers), so the caller starts over."""
+    if not can_trim_prompt_cache(cache):
+        return False
+    shortest = min(c.offset for c in cache)
+    for c in cache:
+        c.trim(c.offset - shortest)
+    return True
+
+
 def _chat(model, tokenizer, args, options: dict, context: int | None):
     cache, first = make_prompt_cache(model), True
     print("chat: /reset clears the conversation, /stats shows expert-store stats, /quit ends; "
@@ -128,6 +139,9 @@ def _chat(model, tokenizer, args, options: dict, context: int | None):
                 print(last.text, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
+            if not _rewind_to_consistent(cache):
+                cache, first = make_prompt_cache(model), True
+                print(" [this model's cache cannot be rewound: conversation cleared]", end="")
         print(flush=True)
         if last is not None and args.verbose:
             print(stats_line(last), flush=True)

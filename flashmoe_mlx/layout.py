@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import DTYPES, EXPERTS_DIR, FormatError, check_layer_file, read_manifest
+from .architecture import ExpertBlock
+from .format import DTYPES, FORMAT_VERSION, FormatError, check_layer_file, read_manifest
 
 SAFETENSORS_DTYPES = {"U32": "uint32", "U8": "uint8", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -50,9 +51,9 @@ class LayerLayout:
     checksums: np.ndarray | None  # uint32 per expert record (flashmoe only)
 
     @property
-    def slot_bytes(self) -> int:
-        """Bytes one pool slot holds (the tensors, without record padding)."""
-        return sum(t.nbytes for t in self.tensors)
+    def packed(self) -> bool:
+        """A flashmoe record (one segment, checksummed) rather than spans of a stock checkpoint."""
+        return self.checksums is not None
 
     def projection(self, proj: str) -> dict[str, ExpertTensor]:
         return {t.name.split(".", 1)[1]: t for t in self.tensors if t.name.split(".", 1)[0] == proj}
@@ -96,8 +97,8 @@ def check_safetensors_file(path: Path) -> dict:
     return header
 
 
-def stock_layouts(checkpoint: Path, config: dict, modules: dict[int, str]) -> list[LayerLayout]:
-    """Layouts over a stock mlx-lm checkpoint's stacked expert tensors; `modules` maps layer -> module path.
+def stock_layouts(checkpoint: Path, config: dict, blocks: dict[int, ExpertBlock]) -> list[LayerLayout]:
+    """Layouts over a stock mlx-lm checkpoint's stacked expert tensors, for the model's expert blocks.
     The shards' sizes must have been checked (`check_safetensors_file`)."""
     where = {}
     for shard in sorted(checkpoint.glob("model*.safetensors")):
@@ -107,7 +108,8 @@ def stock_layouts(checkpoint: Path, config: dict, modules: dict[int, str]) -> li
                 where[key] = (shard, start, info)
     quantization = config.get("quantization") or {}
     layouts = []
-    for layer, module in sorted(modules.items()):
+    for layer, block in sorted(blocks.items()):
+        module = block.path
         names = sorted(k[len(module) + 1 :] for k in where if k.startswith(module + "."))
         if not names:
             unstacked = any(k.startswith(module.rsplit(".", 1)[0] + ".experts.") for k in where)
@@ -128,26 +130,67 @@ def stock_layouts(checkpoint: Path, config: dict, modules: dict[int, str]) -> li
             per_expert = (end - begin) // shape[0]
             offsets = start + begin + np.arange(shape[0], dtype=np.int64) * per_expert
             proj = name.split(".", 1)[0]
-            tensors.append(ExpertTensor(name, dtype, shape[1:], len(segments), 0, _stock_quant(quantization, module, proj, where)))
+            scales = where.get(f"{module}.{proj}.scales")
+            quant = projection_quant(quantization, f"{module}.{proj}", block.shapes[proj][2],
+                                     where[f"{module}.{proj}.weight"][2]["shape"], scales[2]["shape"],
+                                     SAFETENSORS_DTYPES.get(scales[2]["dtype"])) if scales else None
+            tensors.append(ExpertTensor(name, dtype, shape[1:], len(segments), 0, quant))
             segments.append(Segment(shard, offsets, per_expert))
         layouts.append(LayerLayout(layer, module, num_experts, tuple(tensors), tuple(segments), None))
     return layouts
 
 
-def _stock_quant(quantization: dict, module: str, proj: str, where: dict) -> dict | None:
-    """A projection's precision as mlx-lm's loader decides it: its own entry, else inferred from shapes."""
-    path = f"{module}.{proj}"
+QUANT_MODES_BY_SHAPE = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}  # modes whose scales are uint8
+
+
+def projection_quant(quantization: dict, path: str, in_dims: int, weight_shape, scales_shape, scales_dtype: str):
+    """A stored projection's precision, decided by mlx-lm's loader rules: the config's own entry for the path,
+    else inferred from the shapes (group size from the input size and the scales, bits from the packing)."""
     entry = quantization.get(path)
-    if entry is False or f"{path}.scales" not in where:
+    if entry is False:
         return None
-    entry = dict(entry) if isinstance(entry, dict) else {}
-    entry.setdefault("group_size", quantization.get("group_size", 64))
-    entry.setdefault("mode", quantization.get("mode", "affine"))
-    if "bits" not in entry:
-        weight, scales = where[f"{path}.weight"][2]["shape"], where[f"{path}.scales"][2]["shape"]
-        entry["bits"] = weight[-1] * 32 // (scales[-1] * entry["group_size"])
-    return entry
+    if isinstance(entry, dict):
+        return {"group_size": entry["group_size"], "bits": entry["bits"], "mode": entry.get("mode", "affine")}
+    group_size = in_dims // scales_shape[-1]
+    bits = weight_shape[-1] * 32 // in_dims
+    if scales_dtype != "uint8":
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    if (bits, group_size) not in QUANT_MODES_BY_SHAPE:
+        raise FormatError(f"{path}: cannot infer the quantization of {bits} bits with group size {group_size}")
+    return {"group_size": group_size, "bits": bits, "mode": QUANT_MODES_BY_SHAPE[(bits, group_size)]}
+
+
+def check_layouts(checkpoint: Path, layouts: list[LayerLayout], blocks: dict[int, ExpertBlock]):
+    """The expert data must be what the model's expert blocks expect: same layers, experts and shapes."""
+    found = {l.layer: l for l in layouts}
+    for layer, block in sorted(blocks.items()):
+        layout = found.pop(layer, None)
+        if layout is None or layout.module != block.path:
+            raise FormatError(f"{checkpoint}: the expert data does not match config.json: expert block "
+                              f"{block.path} has none")
+        if layout.num_experts != block.num_experts:
+            raise FormatError(f"{checkpoint}: layer {layer}: {layout.num_experts} experts stored, "
+                              f"config.json says {block.num_experts}")
+        for proj, (_, out_dims, in_dims) in block.shapes.items():
+            weight = layout.projection(proj).get("weight")
+            quant = weight.quant if weight else None
+            want = (out_dims, in_dims * quant["bits"] // 32 if quant else in_dims)
+            if weight is None or weight.shape != want:
+                got = list(weight.shape) if weight else "nothing"
+                raise FormatError(f"{checkpoint}: layer {layer}: {proj}.weight is {got} per expert, "
+                                  f"the model expects {list(want)}")
+    if found:
+        raise FormatError(f"{checkpoint}: the expert data does not match config.json: "
+                          f"{next(iter(found.values())).module} is not in the model")
 
 
 def is_flashmoe(checkpoint: Path, config: dict) -> bool:
-    return "flashmoe" in config and (checkpoint / EXPERTS_DIR).is_dir()
+    """A flashmoe checkpoint (of a version this reader knows), rather than a stock mlx-lm one."""
+    block = config.get("flashmoe")
+    if block is None:
+        return False
+    version = block.get("format_version") if isinstance(block, dict) else None
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{checkpoint / 'config.json'}: field 'flashmoe.format_version' is {version!r}; "
+                          f"this flashmoe-mlx reads version {FORMAT_VERSION}")
+    return True

@@ -15,12 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+from mlx_lm.utils import load_model, load_tokenizer
 
-from .architecture import UnsupportedModel
-from .format import DTYPES, FormatError
+from .architecture import ExpertBlock, UnsupportedModel, model_classes
+from .format import FormatError
 from .hub import NotFound, resolve_path
-from .layout import LayerLayout, check_safetensors_file, flashmoe_layouts, is_flashmoe, stock_layouts
+from .layout import check_layouts, check_safetensors_file, flashmoe_layouts, is_flashmoe, stock_layouts
 from .store import ExpertStore
 from .streamed import StreamedSwitchGLU, swap_expert_blocks
 
@@ -63,42 +63,24 @@ def default_budget(dense_bytes: int) -> int:
     return int(total * (1 - MARGIN_FRACTION)) - dense_bytes - KV_RESERVE
 
 
-def slot_bytes(layout: LayerLayout, float_dtype) -> int:
-    def itemsize(dtype: str) -> int:
-        if dtype in ("uint32", "uint8") or float_dtype is None:
-            return np.dtype(DTYPES[dtype]).itemsize
-        return float_dtype.size
-
-    return sum(int(np.prod(t.shape)) * itemsize(t.dtype) for t in layout.tensors)
-
-
-def _streaming_classes(config: dict, modules: dict[int, str]):
+def _streaming_classes(config: dict, blocks: dict[int, ExpertBlock]):
     """mlx-lm's model class for `config`, subclassed so that construction swaps in streamed experts and
     sanitize drops stacked expert tensors (they are read by the store, never loaded)."""
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     parent_sanitize = getattr(model_class, "sanitize", None)
 
     def __init__(self, args):
         model_class.__init__(self, args)
-        modules.update(swap_expert_blocks(self))
+        blocks.update({b.layer: b for b in swap_expert_blocks(self)})
 
     def sanitize(self, weights):
         if parent_sanitize is not None:
             weights = parent_sanitize(self, weights)
-        prefixes = tuple(p + "." for p in modules.values())
+        prefixes = tuple(b.path + "." for b in blocks.values())
         return {k: v for k, v in weights.items() if not k.startswith(prefixes)}
 
     streamed = type(model_class.__name__, (model_class,), {"__init__": __init__, "sanitize": sanitize})
     return streamed, args_class
-
-
-def _check_layouts(path: Path, layouts: list[LayerLayout], modules: dict[int, str]):
-    found = {l.layer: l.module for l in layouts}
-    if found != modules:
-        missing = sorted(set(modules.items()) - set(found.items()))
-        extra = sorted(set(found.items()) - set(modules.items()))
-        what = f"expert block {missing[0][1]} has no expert data" if missing else f"{extra[0][1]} is not in the model"
-        raise FormatError(f"{path}: the expert manifest does not match config.json: {what}")
 
 
 def load(
@@ -129,16 +111,16 @@ def load(
         raise LoadError(f"{path / 'config.json'}: missing; not a model checkpoint")
     for shard in sorted(path.glob("model*.safetensors")):
         check_safetensors_file(shard)
-    modules: dict[int, str] = {}
+    blocks: dict[int, ExpertBlock] = {}
     try:
         model, config = load_model(path, lazy=True, strict=True, model_config=model_config,
-                                   get_model_classes=lambda config: _streaming_classes(config, modules))
+                                   get_model_classes=lambda config: _streaming_classes(config, blocks))
     except UnsupportedModel:
         raise
-    except (ValueError, FileNotFoundError) as e:
-        raise LoadError(f"{path}: {e}") from None
-    layouts = flashmoe_layouts(path) if is_flashmoe(path, config) else stock_layouts(path, config, modules)
-    _check_layouts(path, layouts, modules)
+    except (ValueError, FileNotFoundError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: cannot load this checkpoint ({type(e).__name__}: {e})") from None
+    layouts = flashmoe_layouts(path) if is_flashmoe(path, config) else stock_layouts(path, config, blocks)
+    check_layouts(path, layouts, blocks)
 
     float_dtype = None
     if compute_dtype == "auto":
@@ -150,7 +132,7 @@ def load(
                               model.parameters()))
 
     dense_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    per_slot = sum(slot_bytes(l, float_dtype) for l in layouts)
+    per_slot = sum(ExpertStore.slot_bytes(l, float_dtype) for l in layouts)
     text = config.get("text_config", config)
     top_k = int(text.get("num_experts_per_tok") or text.get("moe_topk") or 1)
     budget = parse_size(memory_budget) if memory_budget is not None else default_budget(dense_bytes)

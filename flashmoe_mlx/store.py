@@ -14,16 +14,18 @@ fetch into a layer while an unevaluated graph still reads its pool (StreamedSwit
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
-from .format import DTYPES, TENSOR_ALIGNMENT, FormatError, checksum
+from .format import DTYPES, FormatError, checksum
 from .layout import LayerLayout
 
 STAGING_BYTES = 64 << 20  # misses are read in batches of at most this many bytes
@@ -42,9 +44,11 @@ class LRU:
         self.last_use[slots] = self.clock
 
     def victims(self, count: int, protected: np.ndarray) -> np.ndarray:
-        age = self.last_use.astype(np.float64)
-        age[protected] = np.inf
-        return np.argsort(age, kind="stable")[:count]
+        age = self.last_use.copy()
+        age[protected] = np.iinfo(np.int64).max
+        if count >= len(age):
+            return np.argsort(age, kind="stable")[:count]
+        return np.argpartition(age, count - 1)[:count]
 
 
 POLICIES = {"lru": LRU}
@@ -70,13 +74,12 @@ class ExpertStore:
         self.verify_reads = verify_reads
         self.float_dtype = float_dtype  # None keeps the stored dtype of scales/biases
         self.pools: dict[int, LayerPool] = {}
+        self._files: dict = {}  # one descriptor per file: a stock checkpoint's shards serve many segments
         for layout in layouts:
             slots = min(slots_per_layer, layout.num_experts)
-            tensors = {t.name: mx.zeros((slots, *t.shape), self._pool_dtype(t.dtype)) for t in layout.tensors}
-            fds = [os.open(s.file, os.O_RDONLY) for s in layout.segments]
-            for fd in fds:
-                # Reads are random and exact: kernel read-ahead would only pull in bytes nobody asked for.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            tensors = {t.name: mx.zeros((slots, *t.shape), self.pool_dtype(t.dtype, float_dtype))
+                       for t in layout.tensors}
+            fds = [self._open(s.file) for s in layout.segments]
             self.pools[layout.layer] = LayerPool(layout, tensors, np.full(layout.num_experts, -1, np.int32),
                                                  np.full(slots, -1, np.int32), POLICIES[policy](slots), fds)
         mx.eval([p.tensors for p in self.pools.values()])
@@ -85,13 +88,32 @@ class ExpertStore:
         self.direct = all(v is not None for p in self.pools.values() for v in p.host.values())
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-read")
         self._staging = {}
-        self._gap = np.empty(TENSOR_ALIGNMENT, np.uint8)  # sink for the alignment padding between tensors
+        gaps = [t.offset - end for l in layouts for t, end in _gaps(l)]
+        self._gap = np.empty(max(gaps, default=0), np.uint8)  # sink for the padding between a record's tensors
         self.reset_stats()
 
-    def _pool_dtype(self, dtype: str):
+    def _open(self, path) -> int:
+        if path not in self._files:
+            fd = os.open(path, os.O_RDONLY)
+            # Reads are random and exact: kernel read-ahead would only pull in bytes nobody asked for.
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            elif sys.platform == "darwin":
+                fcntl.fcntl(fd, getattr(fcntl, "F_RDAHEAD", 45), 0)
+            self._files[path] = fd
+        return self._files[path]
+
+    @staticmethod
+    def pool_dtype(dtype: str, float_dtype=None):
+        """A pool tensor's dtype: packed integers as stored; floats as stored or as `float_dtype`."""
         if dtype in ("uint32", "uint8"):
             return getattr(mx, dtype)
-        return self.float_dtype or getattr(mx, dtype)
+        return float_dtype or getattr(mx, dtype)
+
+    @classmethod
+    def slot_bytes(cls, layout: LayerLayout, float_dtype=None) -> int:
+        """Bytes one slot of a layer's pool holds (its tensors, without record padding)."""
+        return sum(int(np.prod(t.shape)) * cls.pool_dtype(t.dtype, float_dtype).size for t in layout.tensors)
 
     @staticmethod
     def _host_view(array: mx.array, stored: str) -> np.ndarray | None:
@@ -152,7 +174,13 @@ class ExpertStore:
             pool.slot_of[evicted] = -1
             pool.expert_of[victims] = experts[missing]
             pool.slot_of[experts[missing]] = victims
-            self._load(pool, experts[missing], victims)
+            try:
+                self._load(pool, experts[missing], victims)
+            except BaseException:
+                # Nothing half-read may count as resident (a failed checksum, Ctrl-C mid-read).
+                pool.slot_of[experts[missing]] = -1
+                pool.expert_of[victims] = -1
+                raise
             slots = pool.slot_of[experts]
         pool.policy.touch(slots)
         return slots
@@ -185,15 +213,20 @@ class ExpertStore:
             waiting = np.full(len(ids), len(layout.segments))  # segments still to arrive, per row
             t0 = time.perf_counter()
             futures = {self._threads.submit(_preadv, job[:3]): job for job in jobs}
-            for future in as_completed(futures):
-                fd, offset, views, rows, file = futures[future]
-                expected = sum(v.nbytes for v in views)
-                if future.result() != expected:
-                    raise FormatError(f"{file}: layer {layout.layer} expert {ids[rows.start]}: short read of "
-                                      f"{expected} bytes at offset {offset}; is the file truncated?")
-                waiting[rows] -= 1
-                for row in np.nonzero(waiting[rows] == 0)[0] + rows.start:
-                    self._install(pool, staging, row, int(ids[row]), int(dst[row]))
+            try:
+                for future in as_completed(futures):
+                    fd, offset, views, rows, file = futures[future]
+                    expected = sum(v.nbytes for v in views)
+                    if future.result() != expected:
+                        raise FormatError(f"{file}: layer {layout.layer} expert {ids[rows.start]}: short read of "
+                                          f"{expected} bytes at offset {offset}; is the file truncated?")
+                    waiting[rows] -= 1
+                    for row in np.nonzero(waiting[rows] == 0)[0] + rows.start:
+                        self._install(pool, staging, row, int(ids[row]), int(dst[row]))
+            finally:
+                for future in futures:  # no read may still be writing into slots after we return
+                    future.cancel()
+                wait(futures)
             self._stats["read_seconds"] += time.perf_counter() - t0
             self._stats["bytes_read"] += sum(v.nbytes for j in jobs for v in j[2])
             self._stats["reads"] += len(jobs)
@@ -209,20 +242,18 @@ class ExpertStore:
         tensor span is one read, merged with the next expert's when both file and slot are adjacent."""
         layout = pool.layout
         jobs = []
-        if layout.checksums is not None:  # packed records: one segment, one read per expert
+        if layout.packed:  # one segment, one read per expert
             seg, fd = layout.segments[0], pool.fds[0]
-            tensors = sorted(layout.tensors, key=lambda t: t.offset)
             for row, (expert, slot) in enumerate(zip(experts, slots)):
                 if self.verify_reads:  # the checksum covers the whole record: read it whole into staging
                     views = [staging[0][row]]
                 else:
-                    views, pos = [], 0
-                    for t in tensors:
-                        if t.offset > pos:
-                            views.append(self._gap[: t.offset - pos])
+                    views = []
+                    for t, end in _gaps(layout):
+                        if t.offset > end:
+                            views.append(self._gap[: t.offset - end])
                         host = self._direct(pool, t.name)
                         views.append(host[slot] if host is not None else staging[0][row, t.offset : t.offset + t.nbytes])
-                        pos = t.offset + t.nbytes
                 jobs.append((fd, int(seg.offsets[expert]), views, slice(row, row + 1), seg.file))
             return jobs
         for t in layout.tensors:  # stock checkpoints: one segment per tensor
@@ -262,10 +293,17 @@ class ExpertStore:
 
     def close(self):
         self._threads.shutdown()
-        for pool in self.pools.values():
-            for fd in pool.fds:
-                os.close(fd)
-            pool.fds.clear()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def _gaps(layout: LayerLayout):
+    """(tensor, end of what precedes it) for a packed record's tensors in offset order."""
+    end = 0
+    for t in sorted(layout.tensors, key=lambda t: t.offset):
+        yield t, end
+        end = t.offset + t.nbytes
 
 
 def _preadv(job) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 from . import kernels
+from .architecture import ExpertBlock, expert_blocks, module_at
 from .store import ExpertStore
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -22,7 +23,8 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def _pool_linear(tensors: dict[str, mx.array], quant: dict | None) -> nn.Module:
     """A (Quantized)SwitchLinear whose parameters are the pool's arrays (shared, not copied)."""
-    module = (QuantizedSwitchLinear if quant else SwitchLinear).__new__(QuantizedSwitchLinear if quant else SwitchLinear)
+    cls = QuantizedSwitchLinear if quant else SwitchLinear
+    module = cls.__new__(cls)  # parameters come from the pool, so no initialisation of random weights
     nn.Module.__init__(module)
     if quant:
         module.group_size, module.bits, module.mode = quant["group_size"], quant["bits"], quant["mode"]
@@ -54,15 +56,13 @@ class StreamedSwitchGLU(SwitchGLU):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         ids = np.array(indices)  # the layer's one host sync
-        experts = np.unique(ids)
+        experts, position = np.unique(ids, return_inverse=True)
         capacity = self.store.capacity(self.layer)
         if len(experts) <= capacity:
-            slots = self._fetch(experts)
-            slot_of = np.zeros(experts[-1] + 1, np.uint32)
-            slot_of[experts] = slots
-            self._last_output = self._experts(x, mx.array(slot_of[ids]))
+            slots = self._fetch(experts).astype(np.uint32)
+            self._last_output = self._experts(x, mx.array(slots[position.reshape(ids.shape)]))
         else:
-            self._last_output = self._waves(x, ids, experts, capacity)
+            self._last_output = self._waves(x, ids, experts, position, capacity)
         return self._last_output
 
     def _experts(self, x: mx.array, slot_ids: mx.array) -> mx.array:
@@ -83,36 +83,29 @@ class StreamedSwitchGLU(SwitchGLU):
             self._last_output = None
         return self.store.fetch(self.layer, experts)
 
-    def _waves(self, x: mx.array, ids: np.ndarray, experts: np.ndarray, capacity: int) -> mx.array:
+    def _waves(self, x: mx.array, ids: np.ndarray, experts: np.ndarray, position: np.ndarray, capacity: int):
         k = ids.shape[-1]
         flat_x = x.reshape(-1, x.shape[-1])
-        flat_ids = ids.reshape(-1)
+        position = position.reshape(-1)  # numpy versions disagree on the shape np.unique's inverse has
         out = None
         for start in range(0, len(experts), capacity):
-            wave = experts[start : start + capacity]
             if out is not None:
                 self._last_output = out  # the previous wave must run before its slots are refilled
-            slot_of = np.zeros(experts[-1] + 1, np.uint32)
-            slot_of[wave] = self._fetch(wave)
-            pairs = np.nonzero(np.isin(flat_ids, wave))[0]
-            slot_ids = mx.array(slot_of[flat_ids[pairs]][:, None])
+            slots = self._fetch(experts[start : start + capacity]).astype(np.uint32)
+            pairs = np.nonzero((position >= start) & (position < start + capacity))[0]
+            slot_ids = mx.array(slots[position[pairs] - start][:, None])
             y = super().__call__(flat_x[mx.array(pairs // k)], slot_ids)[:, 0]
             if out is None:
-                out = mx.zeros((flat_ids.size, y.shape[-1]), y.dtype)
+                out = mx.zeros((ids.size, y.shape[-1]), y.dtype)
             out[mx.array(pairs)] = y
         return out.reshape(*ids.shape, -1)
 
 
-def swap_expert_blocks(model: nn.Module) -> dict[int, str]:
-    """Replace every SwitchGLU in `model` by an (unbound) StreamedSwitchGLU; return {layer: module path}."""
-    from .architecture import expert_blocks
-
+def swap_expert_blocks(model: nn.Module) -> list[ExpertBlock]:
+    """Replace every SwitchGLU in `model` by an (unbound) StreamedSwitchGLU; return the blocks replaced."""
     blocks = expert_blocks(model, getattr(model, "model_type", "?"))
     for block in blocks:
         parent_path, _, name = block.path.rpartition(".")
-        parent = model
-        for part in parent_path.split("."):
-            parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
-        original = getattr(parent, name)
-        setattr(parent, name, StreamedSwitchGLU(original.activation, block.layer))
-    return {b.layer: b.path for b in blocks}
+        parent = module_at(model, parent_path)
+        setattr(parent, name, StreamedSwitchGLU(getattr(parent, name).activation, block.layer))
+    return blocks

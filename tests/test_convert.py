@@ -165,6 +165,40 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path):
     assert _tree_bytes(out) == _tree_bytes(tmp_path / "whole")
 
 
+def test_resume_refuses_changed_options(hf_checkpoint, tmp_path, monkeypatch):
+    from flashmoe_mlx.convert import pipeline
+
+    src = str(hf_checkpoint("olmoe"))
+
+    def crash(self, staging, unit):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Converter, "convert_unit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "fm", hf_path=src, dtype="bfloat16", progress=False)
+    monkeypatch.undo()
+    for changed in ({"dtype": "float32"}, {"precision": Precision.from_flags(recipe="3bit")}):
+        with pytest.raises(Exception, match="different options"):
+            convert(tmp_path / "fm", hf_path=src, resume=True, progress=False, **changed)
+    convert(tmp_path / "fm", hf_path=src, dtype="bfloat16", resume=True, progress=False)
+
+
+def test_malformed_manifests_are_one_line_errors(hf_checkpoint, tmp_path):
+    out = convert(tmp_path / "fm", hf_path=str(hf_checkpoint("mixtral")), progress=False)
+    manifest_path = out / "experts" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    for broken, message in [
+        (dict(good, layers=[1]), "should be an object"),
+        (dict(good, layers=[dict(good["layers"][0], checksums=["-1"] * 8)]), "8-digit"),
+        (dict(good, version=2), "reads version 1"),
+        (dict(good, layers=[dict(good["layers"][0], record_size=100)]), "record_size"),
+    ]:
+        manifest_path.write_text(json.dumps(broken))
+        result = run_cli("flashmoe_mlx.convert", "--verify", out, "--quiet")
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_resume_checks_finished_units_and_redoes_damaged_ones(hf_checkpoint, tmp_path, monkeypatch):
     from flashmoe_mlx.convert import pipeline
 
@@ -206,6 +240,8 @@ def test_resume_checks_finished_units_and_redoes_damaged_ones(hf_checkpoint, tmp
         (["--mlx-path", "{src}", "--out", "{out}"], "expects a quantized"),
         (["--hf-path", "{src}"], "--out is required"),
         (["--verify", "{missing}"], "manifest is missing"),
+        (["--verify", "{src}/config.json"], "unreadable"),
+        (["--mlx-path", "{src}", "--out", "{out}", "--recipe", "3bit"], "does not apply to --mlx-path"),
     ],
 )
 def test_bad_flags_and_paths_give_one_line_errors(args, message, hf_checkpoint, tmp_path):
@@ -255,8 +291,18 @@ def test_bad_checkpoints_give_one_line_errors(hf_checkpoint, tmp_path):
     (unknown / "config.json").write_text(json.dumps(dict(config, model_type="no_such_moe")))
     fails(unknown, "no architecture 'no_such_moe'")
 
-    odd = _copy_checkpoint(src, tmp_path / "odd")
-    fails(odd, "not divisible by group size 128", "--group-size", "128") if config["hidden_size"] % 128 else None
+    from flashmoe_mlx.synthetic import MoEShape, write_hf_checkpoint
+
+    odd = write_hf_checkpoint(tmp_path / "odd", MoEShape(192, 64, 4, 2, 1, 3, 1, 64, 256), dtype="float32")
+    fails(odd, "has input dimension 192, not divisible by group size 128; --group-size 64 fits", "--group-size", "128")
+
+    not_utf8 = _copy_checkpoint(src, tmp_path / "not_utf8")
+    (not_utf8 / "config.json").write_bytes(b"\xff\xfe{")
+    fails(not_utf8, "not valid JSON")
+
+    incomplete = _copy_checkpoint(src, tmp_path / "incomplete")
+    (incomplete / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    fails(incomplete, "not describe a valid qwen3_moe model")
 
     (tmp_path / "out").mkdir()
     result = run_cli("flashmoe_mlx.convert", "--hf-path", src, "--out", tmp_path / "out", "--quiet")

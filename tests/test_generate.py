@@ -112,7 +112,10 @@ def test_cli_unsupported_checkpoint(hf_checkpoint, tmp_path):
     dense = shutil.copytree(hf_checkpoint("qwen3_moe"), tmp_path / "dense")
     config = json.loads((dense / "config.json").read_text())
     (dense / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
-    for path in (dense, hf_checkpoint("mixtral")):
+    incomplete = shutil.copytree(hf_checkpoint("qwen3_moe"), tmp_path / "incomplete")
+    (incomplete / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    for path, message in [(dense, "no SwitchGLU expert blocks"), (hf_checkpoint("mixtral"), "stores experts unstacked"),
+                          (incomplete, "model_type")]:
         result = run_cli("flashmoe_mlx.generate", "--model", path)
         assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

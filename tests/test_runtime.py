@@ -147,8 +147,10 @@ def test_bad_expert_files_are_named(repacked, tmp_path):
         f.write(b"\xff\xff\xff\xff")
     model, _ = load(str(corrupt), verify_reads=True)
     model.expert_store.fetch(layer.layer, np.array([2]))
-    with pytest.raises(FormatError, match=f"{layer.file}: layer {layer.layer} expert 3: checksum mismatch"):
-        model.expert_store.fetch(layer.layer, np.array([3]))
+    for _ in range(2):  # a failed read must not leave the expert counted as resident
+        with pytest.raises(FormatError, match=f"{layer.file}: layer {layer.layer} expert 3: checksum mismatch"):
+            model.expert_store.fetch(layer.layer, np.array([3]))
+    assert model.expert_store.stats()["hits"] == 0
 
 
 def test_truncated_stock_shard_is_named(mlx_checkpoint, tmp_path):
@@ -200,3 +202,52 @@ def test_bf16_checkpoint_streams_in_float32_on_cpu(verify_reads, tmp_path):
         model, _ = load(str(source), memory_budget=minimum, verify_reads=verify_reads)
         assert model.expert_store.direct is False
         compare_logits(ref, model, tokenizer.vocab_size, seed=2)
+
+
+def test_spec_legal_gaps_between_record_tensors(mlx_checkpoint, repacked, tmp_path):
+    """FORMAT.md allows any 64-aligned, non-overlapping offsets: a writer that leaves wide gaps still loads."""
+    from flashmoe_mlx.format import LayerEntry, Manifest, TensorEntry, checksum, pack_record, unpack_record
+
+    src = repacked("qwen3_moe")
+    gapped = _broken_copy(src, tmp_path / "gapped")
+    entries = []
+    for entry in read_manifest(src).layers:
+        offset, tensors = 256, []  # the first tensor starts late, and 192 bytes separate the others
+        for t in entry.tensors:
+            tensors.append(TensorEntry(t.name, t.dtype, t.shape, offset, t.nbytes, t.bits, t.group_size, t.mode))
+            offset += -(-(t.nbytes + 192) // 64) * 64
+        new = LayerEntry(entry.layer, entry.module, entry.file, entry.num_experts,
+                         -(-offset // 16384) * 16384, 16384, tensors)
+        data = (src / "experts" / entry.file).read_bytes()
+        records = []
+        for e in range(entry.num_experts):
+            start = entry.record_offset(e)
+            records.append(pack_record(new, unpack_record(entry, data[start : start + entry.record_size])).tobytes())
+            new.checksums.append(checksum(records[-1]))
+        (gapped / "experts" / entry.file).write_bytes(new.header_bytes() + b"".join(records))
+        entries.append(new)
+    (gapped / "experts" / "manifest.json").write_text(Manifest(entries).to_json())
+    ref, tokenizer = mlx_load(str(mlx_checkpoint("qwen3_moe")))
+    _, minimum = full_pool_bytes(gapped)
+    model, _ = load(str(gapped), memory_budget=minimum)
+    compare_logits(ref, model, tokenizer.vocab_size, seed=9)
+
+
+def test_projection_precision_follows_mlx_lm_rules():
+    """Our reading of a stored projection's precision agrees with mlx-lm's own infer_quant_config."""
+    import mlx.nn as nn
+    from mlx_lm.utils import infer_quant_config
+
+    from flashmoe_mlx.layout import projection_quant
+
+    for bits, group_size, mode in [(4, 32, "affine"), (3, 64, "affine"), (8, 128, "affine"), (4, 32, "mxfp4"),
+                                   (8, 32, "mxfp8"), (4, 16, "nvfp4")]:
+        w = mx.random.normal((16, 256))
+        q, scales, *_ = mx.quantize(w, group_size, bits, mode=mode)
+        oracle = infer_quant_config("p", nn.Linear(256, 16), {"p.weight": q, "p.scales": scales})
+        # A top-level default that differs from the stored group size must not mislead either reader.
+        ours = projection_quant({"group_size": 64, "bits": 4}, "p", 256, q.shape, scales.shape,
+                                str(scales.dtype).split(".")[-1])
+        assert ours == oracle, (bits, group_size, mode)
+        assert projection_quant({"p": {"group_size": 7, "bits": 5}}, "p", 256, q.shape, scales.shape, "x") == {
+            "group_size": 7, "bits": 5, "mode": "affine"}
