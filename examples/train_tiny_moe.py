@@ -8,17 +8,22 @@ plain text; a byte-level BPE tokenizer is trained on it with ``tokenizers``; a `
 saved as an ordinary Hugging Face checkpoint in bfloat16, sharded into safetensors files of at most
 16 MB, with tokenizer files and generation_config.json.
 
-Two phases, which can run on different machines::
+The defaults are the recipe of the shipped flashmoe_mlx/default_model (see its SOURCE.md). Two phases,
+which can run on different machines::
 
-    # 1. corpus + tokenizer + token ids (needs python3-doc; fast, CPU)
-    python examples/train_tiny_moe.py --prepare-only --data .train
+    # 1. corpus + tokenizer + token ids (needs python3-doc; about 15 s on a CPU)
+    python examples/train_tiny_moe.py --prepare-only --data build/tiny-moe-data
 
-    # 2. training (CUDA when available, else CPU; give CPU a thread count and a time limit)
-    python examples/train_tiny_moe.py --data .train --out flashmoe_mlx/default_model --steps 3000
+    # 2. training (CUDA when available, else CPU; about 3 minutes on one H200)
+    python examples/train_tiny_moe.py --data build/tiny-moe-data --out flashmoe_mlx/default_model
 
 Without ``--prepare-only`` and with a ``--data`` folder that does not hold prepared files yet, both
-phases run in one go. Runs are deterministic given ``--seed`` as far as torch allows (CUDA kernels
-and thread counts can still change the last bits).
+phases run in one go. On a CPU pass ``--threads`` and ``--max-minutes`` (training then shortens its
+schedule to fit, after timing 20 steps). The weights with the lowest validation loss are the ones saved.
+Runs are deterministic given ``--seed`` as far as torch allows (CUDA kernels and thread counts can
+still change the last bits). The script writes no SOURCE.md; the training summary (perplexities,
+expert loads, history) goes to ``<out>.train_summary.json`` beside the checkpoint unless ``--summary``
+says otherwise.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class _MainText(HTMLParser):
         self.skip = 0           # inside script/style/headerlink
         self.pre = 0
         self.parts: list[str] = []
+        self.heading = None     # [level, start index in parts, text pieces] while inside <h1>..<h3>
+        self.headings: list[tuple[int, int, str]] = []  # (start, end index in parts, heading text)
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -84,6 +91,8 @@ class _MainText(HTMLParser):
             self.skip += 1
         if tag == "pre":
             self.pre += 1
+        if tag in ("h1", "h2", "h3") and self.heading is None:
+            self.heading = [tag, len(self.parts), []]
         if tag in self.BLOCK:
             self.parts.append("\n")
 
@@ -96,6 +105,9 @@ class _MainText(HTMLParser):
             self.pre = max(0, self.pre - 1)
         if tag in self.BLOCK:
             self.parts.append("\n")
+        if self.heading is not None and tag == self.heading[0]:
+            self.headings.append((self.heading[1], len(self.parts), "".join(self.heading[2])))
+            self.heading = None
         if tag == "div":
             self.depth -= 1
 
@@ -105,13 +117,34 @@ class _MainText(HTMLParser):
         if not self.pre:
             data = re.sub(r"\s+", " ", data)
         self.parts.append(data)
+        if self.heading is not None:
+            self.heading[2].append(data)
 
 
 def html_to_text(raw: str) -> str:
     p = _MainText()
     p.feed(raw)
     p.close()
-    text = html.unescape("".join(p.parts)).replace("\u00b6", "").replace("\xa0", " ")
+    return _clean("".join(p.parts))
+
+
+def html_to_sections(raw: str) -> list[tuple[str, str]]:
+    """(heading, body text) for each h1-h3 section of the page's main text."""
+    p = _MainText()
+    p.feed(raw)
+    p.close()
+    out = []
+    for i, (_, end, title) in enumerate(p.headings):
+        stop = p.headings[i + 1][0] if i + 1 < len(p.headings) else len(p.parts)
+        title = re.sub(r"^[\d.]+\s+", "", _clean(title)).strip()
+        body = _clean("".join(p.parts[end:stop]))
+        if title and body:
+            out.append((title, body))
+    return out
+
+
+def _clean(text: str) -> str:
+    text = html.unescape(text).replace("\u00b6", "").replace("\xa0", " ")
     out, blank = [], 0
     for ln in text.split("\n"):
         ln = ln.rstrip()
@@ -139,16 +172,17 @@ def find_docs_dir(explicit: str | None) -> Path:
         "(or pass --docs-dir to a folder of Sphinx HTML pages, or --data to prepared data).")
 
 
-def build_corpus(docs_dir: Path) -> list[tuple[str, str]]:
-    """(relative path, plain text) for each HTML page, sorted by path."""
+def build_corpus(docs_dir: Path) -> list[tuple[str, str, list]]:
+    """(relative path, plain text, [(heading, section text)]) for each HTML page, sorted by path."""
     docs = []
     for path in sorted(docs_dir.rglob("*.html")):
         rel = path.relative_to(docs_dir).as_posix()
         if rel.startswith("_") or path.stem in SKIP_PAGES or path.stem.startswith("genindex"):
             continue
-        text = html_to_text(path.read_text(encoding="utf-8", errors="replace"))
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        text = html_to_text(raw)
         if len(text) >= 200:
-            docs.append((rel, text))
+            docs.append((rel, text, html_to_sections(raw)))
     return docs
 
 
@@ -158,7 +192,7 @@ def split_docs(docs, val_frac: float, seed: int):
     def h(rel):
         return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
 
-    target = val_frac * sum(len(t) for _, t in docs)
+    target = val_frac * sum(len(d[1]) for d in docs)
     val_ids, got = set(), 0
     for i in sorted(range(len(docs)), key=lambda i: h(docs[i][0])):
         if got >= target:
@@ -166,9 +200,37 @@ def split_docs(docs, val_frac: float, seed: int):
         if got + len(docs[i][1]) <= 1.25 * target:
             val_ids.add(i)
             got += len(docs[i][1])
-    train = [t for i, (_, t) in enumerate(docs) if i not in val_ids]
-    val = [t for i, (_, t) in enumerate(docs) if i in val_ids]
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
     return train, val
+
+
+CHAT_PROMPTS = ["Tell me about {t}.", "What is {t}?", "Explain {t}.", "{t}", "Can you describe {t}?",
+                "Write a short note on {t}.", "How does {t} work?", 'Summarize the section "{t}".']
+CHAT_SYSTEMS = ["You are a helpful assistant.", "You answer questions about Python.",
+                "You are a concise technical writer."]
+
+
+def chat_examples(docs, seed: int, max_chars: int = 1200) -> list[str]:
+    """ChatML conversations made from the docs' sections: the user names a section's heading, the
+    assistant answers with the section's first paragraphs. They teach the model the chat format
+    (``<|im_start|>``, ``<|im_end|>``) so that chat-templated prompts get sensible continuations."""
+    rng = random.Random(seed)
+    out = []
+    for _, _, sections in docs:
+        for title, body in sections:
+            if len(body) < 80 or len(title) > 120:
+                continue
+            ans = ""
+            for para in body.split("\n\n"):
+                if ans and len(ans) + len(para) + 2 > max_chars:
+                    break
+                ans = f"{ans}\n\n{para}" if ans else para
+            ans = ans[: 2 * max_chars]
+            q = rng.choice(CHAT_PROMPTS).format(t=title)
+            system = f"{IM_START}system\n{rng.choice(CHAT_SYSTEMS)}{IM_END}\n" if rng.random() < 0.25 else ""
+            out.append(f"{system}{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{ans}{IM_END}\n")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,17 +279,23 @@ def prepare(args) -> None:
     docs_dir = find_docs_dir(args.docs_dir)
     t0 = time.time()
     docs = build_corpus(docs_dir)
-    train, val = split_docs(docs, args.val_frac, args.seed)
+    train_docs, val_docs = split_docs(docs, args.val_frac, args.seed)
+    train, val = [d[1] for d in train_docs], [d[1] for d in val_docs]
     (data / "train.txt").write_text(DOC_SEP.join(train), encoding="utf-8")
     (data / "val.txt").write_text(DOC_SEP.join(val), encoding="utf-8")
     tok = train_tokenizer(train, args.vocab_size, data / "tokenizer")
     tr, va = encode_docs(tok, train), encode_docs(tok, val)
     np.save(data / "train_ids.npy", tr)
     np.save(data / "val_ids.npy", va)
+    chat_tr = encode_docs(tok, chat_examples(train_docs, args.seed))
+    chat_va = encode_docs(tok, chat_examples(val_docs, args.seed + 1))
+    np.save(data / "chat_train_ids.npy", chat_tr)
+    np.save(data / "chat_val_ids.npy", chat_va)
     meta = {
         "docs_dir": str(docs_dir), "pages_train": len(train), "pages_val": len(val),
         "chars_train": sum(map(len, train)), "chars_val": sum(map(len, val)),
         "tokens_train": int(tr.size), "tokens_val": int(va.size), "vocab_size": tok.get_vocab_size(),
+        "chat_tokens_train": int(chat_tr.size), "chat_tokens_val": int(chat_va.size),
         "seed": args.seed, "val_frac": args.val_frac,
     }
     (data / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -405,8 +473,19 @@ def train(args) -> None:
         torch.backends.cudnn.allow_tf32 = True
     amp = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    config = make_config(args, vocab, eos_id)
-    model = Qwen3MoeForCausalLM(config).to(device)
+    chat_ids = chat_val = None
+    if args.chat_frac > 0:
+        chat_ids = np.load(data / "chat_train_ids.npy")
+        chat_val = np.load(data / "chat_val_ids.npy")
+    if args.init_from:  # continue from a checkpoint (e.g. the chat-format stage after pre-training)
+        model = Qwen3MoeForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(device)
+        assert model.config.vocab_size == vocab, "checkpoint and tokenizer disagree on the vocabulary"
+        model.config.output_router_logits = True
+        model.config.router_aux_loss_coef = args.aux_coef
+        model.config.attention_dropout = args.attn_dropout
+    else:
+        config = make_config(args, vocab, eos_id)
+        model = Qwen3MoeForCausalLM(config).to(device)
     add_dropout(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -433,6 +512,8 @@ def train(args) -> None:
     L, B = args.seq_len, args.batch_size
     starts_max = train_ids.size - L - 1
     train_t = torch.from_numpy(train_ids.astype(np.int64))
+    n_chat = int(round(B * args.chat_frac)) if chat_ids is not None else 0
+    chat_t = torch.from_numpy(chat_ids.astype(np.int64)) if n_chat else None
 
     best = (float("inf"), -1, None)
     history = []
@@ -453,9 +534,12 @@ def train(args) -> None:
                       f"training {total} steps instead of {args.steps}", flush=True)
         if step == 5:
             t_mark = time.time()
-        starts = torch.from_numpy(rng.integers(0, starts_max, size=B))
-        idx = starts[:, None] + torch.arange(L + 1)[None, :]
-        batch = train_t[idx].to(device, non_blocking=True)
+        starts = torch.from_numpy(rng.integers(0, starts_max, size=B - n_chat))
+        batch = train_t[starts[:, None] + torch.arange(L + 1)[None, :]]
+        if n_chat:  # rows from the ChatML conversations
+            cs = torch.from_numpy(rng.integers(0, chat_t.numel() - L - 1, size=n_chat))
+            batch = torch.cat([batch, chat_t[cs[:, None] + torch.arange(L + 1)[None, :]]])
+        batch = batch.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
@@ -478,7 +562,12 @@ def train(args) -> None:
         if (step > 0 and step % args.eval_every == 0) or last or out_of_time:
             nll, _ = evaluate(model, val_ids, L, args.eval_batch, device, amp)
             history.append({"step": step, "val_nll": nll, "val_ppl": math.exp(nll), "time_s": time.time() - t0})
-            print(f"  eval step {step}: val nll {nll:.4f} ppl {math.exp(nll):.2f}", flush=True)
+            msg = f"  eval step {step}: val nll {nll:.4f} ppl {math.exp(nll):.2f}"
+            if chat_val is not None:
+                cnll, _ = evaluate(model, chat_val, L, args.eval_batch, device, amp)
+                history[-1]["chat_val_ppl"] = math.exp(cnll)
+                msg += f" | chat val ppl {math.exp(cnll):.2f}"
+            print(msg, flush=True)
             if nll < best[0]:
                 best = (nll, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if out_of_time:
@@ -491,6 +580,8 @@ def train(args) -> None:
     model.to(torch.bfloat16).to(torch.float32)
     nll, targets = evaluate(model, val_ids, L, args.eval_batch, device, torch.float32)
     uni = unigram_nll(train_ids, targets, vocab)
+    chat_ppl = math.exp(evaluate(model, chat_val, L, args.eval_batch, device, torch.float32)[0]) \
+        if chat_val is not None else None
     loads = expert_load(model, val_ids, L, args.eval_batch, device, torch.float32)
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
@@ -498,7 +589,7 @@ def train(args) -> None:
         "tokens_seen": (step + 1) * B * L, "params": n_params, "expert_params": n_expert,
         "active_params_per_token": n_params - n_expert + n_expert * args.top_k // args.experts,
         "val_tokens_scored": int(targets.size), "val_ppl_bf16": math.exp(nll),
-        "unigram_val_ppl": math.exp(uni), "expert_load_min": float(loads.min()),
+        "unigram_val_ppl": math.exp(uni), "chat_val_ppl_bf16": chat_ppl, "expert_load_min": float(loads.min()),
         "expert_load_max": float(loads.max()), "expert_load_per_layer": loads.round(4).tolist(),
         "history": history, "args": vars(args),
     }
@@ -533,7 +624,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="tiny-moe", help="checkpoint folder to write")
-    ap.add_argument("--data", default=".train", help="folder for the prepared corpus, tokenizer and ids")
+    ap.add_argument("--data", default="build/tiny-moe-data", help="folder for the prepared corpus, tokenizer and ids")
     ap.add_argument("--docs-dir", default=None, help="Sphinx HTML folder (default: python3-doc's)")
     ap.add_argument("--prepare-only", action="store_true", help="build corpus + tokenizer + ids, then stop")
     ap.add_argument("--seed", type=int, default=0)
@@ -550,10 +641,13 @@ def main(argv=None):
     ap.add_argument("--moe-intermediate", type=int, default=128)
     ap.add_argument("--max-positions", type=int, default=2048)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--dropout", type=float, default=0.0, help="training-only residual-branch dropout")
+    ap.add_argument("--init-from", default=None, help="HF checkpoint to continue training from")
+    ap.add_argument("--chat-frac", type=float, default=0.0,
+                    help="fraction of each batch drawn from ChatML conversations made from the docs")
+    ap.add_argument("--dropout", type=float, default=0.2, help="training-only residual-branch dropout")
     ap.add_argument("--attn-dropout", type=float, default=0.0)
     # training
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1277)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -561,7 +655,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (0: no limit)")
@@ -571,7 +665,9 @@ def main(argv=None):
     ap.add_argument("--summary", default=None, help="where to write the training summary JSON")
     args = ap.parse_args(argv)
 
-    prepared = all((Path(args.data) / f).exists() for f in ("train_ids.npy", "val_ids.npy", "tokenizer/tokenizer.json"))
+    needed = ["train_ids.npy", "val_ids.npy", "tokenizer/tokenizer.json"]
+    needed += ["chat_train_ids.npy", "chat_val_ids.npy"] if args.chat_frac > 0 else []
+    prepared = all((Path(args.data) / f).exists() for f in needed)
     if args.prepare_only or not prepared:
         prepare(args)
         if args.prepare_only:

@@ -10,6 +10,7 @@ import resource
 import sys
 from dataclasses import dataclass, fields
 
+import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_stream_generate
 
@@ -51,8 +52,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
     counter = ExpertCounter(model)
     for response in mlx_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
         base = {f.name: getattr(response, f.name) for f in fields(GenerationResponse)}
-        # MLX's allocator reports no peak on the CPU backend: there, the process's peak RSS is the figure.
-        base["peak_memory"] = base["peak_memory"] or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT / 1e9
+        if mx.default_device() == mx.cpu:
+            # On the CPU backend MLX's allocator sees only part of the process; its peak RSS is the honest figure.
+            base["peak_memory"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT / 1e9
         yield StreamResponse(**base, **counter.figures())
 
 

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 PROLOGUE_MARK = "// ---- prologue ----"
 THREADGROUP = 128  # 4 SIMD-groups
-ROWS = 4  # output rows per SIMD-group, as in the kernel bodies
+UP_ROWS, DOWN_ROWS = 4, 8  # output rows per SIMD-group, as in the two kernel bodies
 MAX_DECODE_TOKENS = 4
 
 
@@ -39,11 +39,12 @@ class Launch:
     outputs: dict[str, tuple[tuple[int, ...], mx.Dtype]]
     constants: dict[str, int | mx.Dtype]  # template parameters
     simd_groups: int
+    threadgroup: int = THREADGROUP  # threads
 
     @property
     def grid(self) -> int:
         """Threads, rounded up to whole threadgroups (surplus SIMD-groups return at once)."""
-        return -(-self.simd_groups * 32 // THREADGROUP) * THREADGROUP
+        return -(-self.simd_groups * 32 // self.threadgroup) * self.threadgroup
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +62,7 @@ def run_on_gpu(launch: Launch) -> list[mx.array]:
         inputs=list(launch.inputs.values()),
         template=list(launch.constants.items()),
         grid=(launch.grid, 1, 1),
-        threadgroup=(THREADGROUP, 1, 1),
+        threadgroup=(launch.threadgroup, 1, 1),
         output_shapes=[s for s, _ in launch.outputs.values()],
         output_dtypes=[d for _, d in launch.outputs.values()],
     )
@@ -125,7 +126,7 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
          "up_w": up.weight, "up_s": up.scales, "up_b": up.biases, "slots": slots},
         {"h": ((nt, k, inter), mx.float32)},
         {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size},
-        nt * k * -(-inter // ROWS),
+        nt * k * -(-inter // UP_ROWS),
     ))
     combine = weights is not None
     (y,) = runner(Launch(
@@ -134,7 +135,8 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
          "weights": (weights if combine else mx.ones((nt, k))).astype(x.dtype)},
         {"y": ((nt, hidden) if combine else (nt, k, hidden), x.dtype)},
         {**constants, "BITS_DOWN": down.bits, "GS_DOWN": down.group_size, "COMBINE": int(combine)},
-        nt * (1 if combine else k) * -(-hidden // ROWS),
+        nt * k * -(-hidden // DOWN_ROWS),
+        threadgroup=32 * k,  # one SIMD-group per expert
     ))
     return y
 

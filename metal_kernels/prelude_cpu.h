@@ -1,7 +1,9 @@
 // CPU emulation prelude: runs the Metal kernel bodies as C++ (g++) so that tests execute them on a machine
 // without a GPU. Every thread of a threadgroup is an OS thread; a SIMD-group's 32 threads meet at a
-// std::barrier to sum. Slow and exact in structure: for correctness, never for speed.
+// std::barrier to sum, and the whole threadgroup at another for BARRIER(). Slow and exact in structure: for
+// correctness, never for speed.
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <thread>
@@ -9,7 +11,11 @@
 #define DEVICE
 #define THREAD
 #define DEVICE_FN inline
+#define AS_FLOAT(u) std::bit_cast<float>(u)
 #define SIMD_SUM(v) flashmoe_simd_sum(v)
+// Threadgroups run one after another, so one static array per declaration is the group's shared memory.
+#define SHARED(type, name, n) static type name[n]
+#define BARRIER() flashmoe_group->arrive_and_wait()
 #define EXP(v) std::exp(v)
 
 struct FlashmoeSimdGroup {
@@ -17,6 +23,7 @@ struct FlashmoeSimdGroup {
   float values[32];
 };
 inline thread_local FlashmoeSimdGroup* flashmoe_simd = nullptr;
+inline thread_local std::barrier<>* flashmoe_group = nullptr;
 inline thread_local uint32_t flashmoe_lane = 0;
 
 inline float flashmoe_simd_sum(float v) {
@@ -33,9 +40,11 @@ template <typename Body>
 void flashmoe_launch(uint32_t groups, uint32_t tg_threads, Body body) {
   for (uint32_t tg = 0; tg < groups; ++tg) {
     std::vector<FlashmoeSimdGroup> simds(tg_threads / 32);
+    std::barrier<> group(tg_threads);
     std::vector<std::thread> threads;
     for (uint32_t i = 0; i < tg_threads; ++i) {
       threads.emplace_back([&, i] {
+        flashmoe_group = &group;
         flashmoe_simd = &simds[i / 32];
         flashmoe_lane = i % 32;
         body(i % 32, i / 32, tg, tg_threads);

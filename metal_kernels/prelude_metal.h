@@ -6,7 +6,10 @@ using namespace metal;
 #define DEVICE device
 #define THREAD thread
 #define DEVICE_FN inline
+#define AS_FLOAT(u) as_type<float>(u)
 #define SIMD_SUM(v) simd_sum(v)
+#define SHARED(type, name, n) threadgroup type name[n]
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define EXP(v) metal::exp(v)
 // ---- prologue ----
 const uint32_t LANE = thread_index_in_simdgroup;

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe_mlx.kernels import THREADGROUP, Launch, prelude, read_source
+from flashmoe_mlx.kernels import Launch, prelude, read_source
 
 C_TYPES = {mx.float32: ("float", np.float32), mx.uint32: ("uint32_t", np.uint32)}
 BUILD_DIR = Path(tempfile.gettempdir()) / "flashmoe-kernel-emulator"
@@ -68,5 +68,5 @@ def run_emulated(launch: Launch) -> list[mx.array]:
     outputs = [np.full(shape, np.nan if dtype == mx.float32 else 0xFFFFFFFF, C_TYPES[dtype][1])
                for shape, dtype in launch.outputs.values()]
     pointers = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[a.ctypes.data for a in inputs + outputs])
-    lib.run(pointers, launch.grid // THREADGROUP, THREADGROUP)
+    lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
     return [mx.array(o) for o in outputs]

@@ -119,3 +119,19 @@ def test_cli_unsupported_checkpoint(hf_checkpoint, tmp_path):
         result = run_cli("flashmoe_mlx.generate", "--model", path)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_default_model_runs_offline(tmp_path):
+    """No --model: the bundled MoE is converted into the cache on first use, then streamed under a budget."""
+    import os
+
+    env = {**os.environ, "FLASHMOE_MLX_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    first = run_cli("flashmoe_mlx.generate", "--prompt", "How do I read a file?", "--max-tokens", 12, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "first use: converting" in first.stderr and "generation: 12 tokens" in first.stdout
+    (converted,) = tmp_path.glob("default-4bit-*")
+    again = run_cli("flashmoe_mlx.generate", "--prompt", "How do I read a file?", "--max-tokens", 12, env=env)
+    assert again.returncode == 0 and "first use" not in again.stderr
+    assert again.stdout.split("==========")[0] == first.stdout.split("==========")[0]  # greedy: same text
+    hits = float(re.search(r"experts: ([\d.]+)% hits", again.stdout).group(1))
+    assert hits < 100  # the budget (half the experts) forces reads while generating
