@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=_str2bool, default=True, help="stream text and print the stats line (default true)")
     p.add_argument("--memory-budget", default=None,
                    help="bytes for the expert pool, e.g. 8GB (default: memory less dense weights, KV reserve, margin)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize the KV cache to 4 or 8 bits (group 64); decode attention then runs the "
+                   "attention_decode kernel on Metal/CUDA")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (/reset, /stats, /quit)")
     return p
 
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
         sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
         processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
         options = {"max_tokens": args.max_tokens, "sampler": sampler, "logits_processors": processors}
+        if args.kv_bits:
+            options.update(kv_bits=args.kv_bits, kv_group_size=64, quantized_kv_start=0)
         context = _context_length(config)
         if args.chat:
             _chat(model, tokenizer, args, options, context)

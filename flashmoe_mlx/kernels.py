@@ -155,3 +155,66 @@ def expert_swiglu_reference(x: mx.array, pool: nn.Module, slot_ids: mx.array, we
     if weights is not None:
         y = (y * weights[..., None].astype(mx.float32)).sum(axis=-2)
     return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------- attention_decode
+
+
+def attention_splits(keys: int) -> int:
+    """Splits of the key axis: about 256 keys each, a power of two (few compiled variants), at most 64."""
+    splits = 1
+    while splits < 64 and keys > 256 * splits:
+        splits *= 2
+    return splits
+
+
+def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, group_size: int, bits: int,
+                     runner=None) -> mx.array:
+    """softmax(q k^T * scale) v for one query token over an MLX-affine quantized cache (mlx-lm's
+    QuantizedKVCache layout: (weights, scales, biases), each [B, HKV, N, ...]). q: [B, HQ, 1, D] -> [B, HQ, 1, D]."""
+    runner = runner or active_runner()
+    if runner is None:
+        return attention_decode_reference(q, keys, values, scale, group_size, bits)
+    b, hq, _, d = q.shape
+    hkv, n = keys[0].shape[1], keys[0].shape[2]
+    splits = attention_splits(n)
+    constants = {"T": q.dtype, "HQ": hq, "D": d}
+    (o, ml) = runner(Launch(
+        "attention_decode_split",
+        {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
+         "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)},
+        {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
+        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "SPLITS": splits},
+        b * hq * splits,
+    ))
+    (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, d), q.dtype)},
+                           {**constants, "SPLITS": splits}, b * hq))
+    return out.reshape(b, hq, 1, d)
+
+
+def attention_decode_reference(q, keys, values, scale, group_size, bits):
+    """The same from plain MLX ops: dequantize the cache, repeat kv heads for GQA, softmax in float32."""
+    k = mx.dequantize(*keys, group_size=group_size, bits=bits).astype(mx.float32)
+    v = mx.dequantize(*values, group_size=group_size, bits=bits).astype(mx.float32)
+    repeats = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
+    scores = (q.astype(mx.float32) * scale) @ k.swapaxes(-1, -2)
+    return (mx.softmax(scores, axis=-1) @ v).astype(q.dtype)
+
+
+def install_attention_decode():
+    """Route mlx-lm's quantized-cache attention through attention_decode for single-token steps when a
+    kernel runner is active (the rest, and every other case, stays mlx-lm's). Idempotent."""
+    from mlx_lm.models import base
+
+    original = getattr(base.quantized_scaled_dot_product_attention, "flashmoe_original",
+                       base.quantized_scaled_dot_product_attention)
+
+    def attention(queries, q_keys, q_values, scale, mask, group_size=64, bits=8):
+        d = queries.shape[-1]
+        if queries.shape[2] == 1 and d % 32 == 0 and not isinstance(mask, mx.array) and active_runner() is not None:
+            return attention_decode(queries, q_keys, q_values, scale, group_size, bits)
+        return original(queries, q_keys, q_values, scale=scale, mask=mask, group_size=group_size, bits=bits)
+
+    attention.flashmoe_original = original
+    base.quantized_scaled_dot_product_attention = attention

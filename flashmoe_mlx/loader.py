@@ -17,6 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model, load_tokenizer
 
+from . import kernels
 from .architecture import ExpertBlock, UnsupportedModel, model_classes
 from .format import FormatError
 from .hub import NotFound, resolve_path
@@ -148,6 +149,7 @@ def load(
         if isinstance(module, StreamedSwitchGLU):
             module.bind(store)
     model.expert_store = store
+    kernels.install_attention_decode()  # quantized KV caches (--kv-bits) decode through attention_decode
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None))
     return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -4,6 +4,7 @@
 // correctness, never for speed.
 #include <barrier>
 #include <bit>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <thread>
@@ -13,6 +14,8 @@
 #define DEVICE_FN inline
 #define AS_FLOAT(u) std::bit_cast<float>(u)
 #define SIMD_SUM(v) flashmoe_simd_sum(v)
+#define SIMD_MAX(v) flashmoe_simd_max(v)
+#define SIMD_SHUFFLE(v, lane) flashmoe_simd_shuffle(v, lane)
 // Threadgroups run one after another, so one static array per declaration is the group's shared memory.
 #define SHARED(type, name, n) static type name[n]
 #define BARRIER() flashmoe_group->arrive_and_wait()
@@ -26,13 +29,23 @@ inline thread_local FlashmoeSimdGroup* flashmoe_simd = nullptr;
 inline thread_local std::barrier<>* flashmoe_group = nullptr;
 inline thread_local uint32_t flashmoe_lane = 0;
 
-inline float flashmoe_simd_sum(float v) {
+// Every lane posts its value, all meet, each reads what it needs, all meet again before the next exchange.
+template <typename Read>
+inline float flashmoe_simd_exchange(float v, Read read) {
   flashmoe_simd->values[flashmoe_lane] = v;
   flashmoe_simd->meet.arrive_and_wait();
-  float sum = 0.0f;
-  for (int i = 0; i < 32; ++i) sum += flashmoe_simd->values[i];
-  flashmoe_simd->meet.arrive_and_wait();  // nobody overwrites values before all have read them
-  return sum;
+  const float out = read(flashmoe_simd->values);
+  flashmoe_simd->meet.arrive_and_wait();
+  return out;
+}
+inline float flashmoe_simd_sum(float v) {
+  return flashmoe_simd_exchange(v, [](const float* all) { float s = 0.0f; for (int i = 0; i < 32; ++i) s += all[i]; return s; });
+}
+inline float flashmoe_simd_max(float v) {
+  return flashmoe_simd_exchange(v, [](const float* all) { float m = all[0]; for (int i = 1; i < 32; ++i) m = std::max(m, all[i]); return m; });
+}
+inline float flashmoe_simd_shuffle(float v, uint32_t lane) {
+  return flashmoe_simd_exchange(v, [lane](const float* all) { return all[lane]; });
 }
 
 // Run `body(lane, simd_in_tg, tg, tg_threads)` for every thread of `groups` threadgroups of `tg_threads`.

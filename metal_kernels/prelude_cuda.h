@@ -5,11 +5,17 @@
 #define DEVICE_FN __device__ inline
 #define AS_FLOAT(u) __uint_as_float(u)
 #define SIMD_SUM(v) flashmoe_warp_sum(v)
+#define SIMD_MAX(v) flashmoe_warp_max(v)
+#define SIMD_SHUFFLE(v, lane) __shfl_sync(0xffffffffu, v, lane)
 #define SHARED(type, name, n) __shared__ type name[n]
 #define BARRIER() __syncthreads()
 #define EXP(v) expf(v)
 __device__ inline float flashmoe_warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ inline float flashmoe_warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 // ---- prologue ----

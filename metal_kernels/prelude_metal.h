@@ -8,6 +8,8 @@ using namespace metal;
 #define DEVICE_FN inline
 #define AS_FLOAT(u) as_type<float>(u)
 #define SIMD_SUM(v) simd_sum(v)
+#define SIMD_MAX(v) simd_max(v)
+#define SIMD_SHUFFLE(v, lane) simd_shuffle(v, lane)
 #define SHARED(type, name, n) threadgroup type name[n]
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define EXP(v) metal::exp(v)

@@ -26,10 +26,17 @@ def _constant(name: str, value) -> str:
     return f"constexpr int {name} = {int(value)};"
 
 
+def _shaped(launch: Launch) -> list[str]:
+    """Inputs whose shape the body reads as `<name>_shape` (MLX passes those to Metal and CUDA kernels too)."""
+    body = read_source(f"{launch.kernel}.metal")
+    return [n for n in launch.inputs if f"{n}_shape" in body]
+
+
 def _source(launch: Launch) -> str:
     header, _ = prelude("cpu")
     params = [f"const {C_TYPES[a.dtype][0]}* {n}" for n, a in launch.inputs.items()]
     params += [f"{C_TYPES[d][0]}* {n}" for n, (_, d) in launch.outputs.items()]
+    params += [f"const int* {n}_shape" for n in _shaped(launch)]
     args = [f"({p.rsplit(' ', 1)[0]})args[{i}]" for i, p in enumerate(params)]
     return "\n".join([
         header,
@@ -52,9 +59,11 @@ def _compile(source: str) -> ctypes.CDLL:
     stem = BUILD_DIR / hashlib.sha256(source.encode()).hexdigest()[:16]
     if not stem.with_suffix(".so").exists():
         stem.with_suffix(".cpp").write_text(source)
-        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-                        "-Wno-unused-variable", "-o", str(stem.with_suffix(".tmp.so")), str(stem.with_suffix(".cpp"))],
-                       check=True, capture_output=True, text=True)
+        build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                                "-Wno-unused-variable", "-o", str(stem.with_suffix(".tmp.so")),
+                                str(stem.with_suffix(".cpp"))], capture_output=True, text=True)
+        if build.returncode:
+            raise RuntimeError(f"g++ rejected the kernel body:\n{build.stderr}")
         stem.with_suffix(".tmp.so").rename(stem.with_suffix(".so"))
     lib = ctypes.CDLL(str(stem.with_suffix(".so")))
     lib.run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint32, ctypes.c_uint32]
@@ -67,6 +76,8 @@ def run_emulated(launch: Launch) -> list[mx.array]:
     inputs = [np.ascontiguousarray(np.array(a)) for a in launch.inputs.values()]
     outputs = [np.full(shape, np.nan if dtype == mx.float32 else 0xFFFFFFFF, C_TYPES[dtype][1])
                for shape, dtype in launch.outputs.values()]
-    pointers = (ctypes.c_void_p * (len(inputs) + len(outputs)))(*[a.ctypes.data for a in inputs + outputs])
+    shapes = [np.array(launch.inputs[n].shape, np.int32) for n in _shaped(launch)]
+    arrays = inputs + outputs + shapes
+    pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
     return [mx.array(o) for o in outputs]
