@@ -559,7 +559,7 @@ def train(args) -> None:
         if step % args.log_every == 0 or last or out_of_time:
             print(f"step {step:5d} lm {lm.item():.4f} aux {aux.item():.4f} gn {gn.item():.2f} "
                   f"lr {lr_at(step):.2e} {time.time() - t0:7.1f}s", flush=True)
-        if (step > 0 and step % args.eval_every == 0) or last or out_of_time:
+        if (step % args.eval_every == 0 and (step > 0 or args.init_from)) or last or out_of_time:
             nll, _ = evaluate(model, val_ids, L, args.eval_batch, device, amp)
             history.append({"step": step, "val_nll": nll, "val_ppl": math.exp(nll), "time_s": time.time() - t0})
             msg = f"  eval step {step}: val nll {nll:.4f} ppl {math.exp(nll):.2f}"
@@ -568,8 +568,9 @@ def train(args) -> None:
                 history[-1]["chat_val_ppl"] = math.exp(cnll)
                 msg += f" | chat val ppl {math.exp(cnll):.2f}"
             print(msg, flush=True)
-            if nll < best[0]:
-                best = (nll, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            score = nll + (cnll if chat_val is not None else 0.0)  # with chat data: both must stay good
+            if score < best[0]:
+                best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if out_of_time:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
             break
