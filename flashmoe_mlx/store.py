@@ -88,7 +88,7 @@ class ExpertStore:
         self.direct = all(v is not None for p in self.pools.values() for v in p.host.values())
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-read")
         self._staging = {}
-        gaps = [t.offset - end for l in layouts for t, end in _gaps(l)]
+        gaps = [t.offset - end for l in layouts if l.packed for t, end in _gaps(l)]
         self._gap = np.empty(max(gaps, default=0), np.uint8)  # sink for the padding between a record's tensors
         self.reset_stats()
 
