@@ -8,18 +8,25 @@ plain text; a byte-level BPE tokenizer is trained on it with ``tokenizers``; a `
 saved as an ordinary Hugging Face checkpoint in bfloat16, sharded into safetensors files of at most
 16 MB, with tokenizer files and generation_config.json.
 
-The defaults are the recipe of the shipped flashmoe_mlx/default_model (see its SOURCE.md). Two phases,
-which can run on different machines::
+The shipped flashmoe_mlx/default_model came from the three steps below (see its SOURCE.md). The
+defaults are step 2's recipe. Preparation and training can run on different machines::
 
     # 1. corpus + tokenizer + token ids (needs python3-doc; about 15 s on a CPU)
     python examples/train_tiny_moe.py --prepare-only --data build/tiny-moe-data
 
-    # 2. training (CUDA when available, else CPU; about 3 minutes on one H200)
-    python examples/train_tiny_moe.py --data build/tiny-moe-data --out flashmoe_mlx/default_model
+    # 2. pre-training on the plain text (CUDA when available, else CPU; about 3 minutes on one H200)
+    python examples/train_tiny_moe.py --data build/tiny-moe-data --out build/tiny-moe-base
 
-Without ``--prepare-only`` and with a ``--data`` folder that does not hold prepared files yet, both
-phases run in one go. On a CPU pass ``--threads`` and ``--max-minutes`` (training then shortens its
-schedule to fit, after timing 20 steps). The weights with the lowest validation loss are the ones saved.
+    # 3. chat-format stage: continue with 3 of every 8 rows drawn from ChatML conversations built
+    #    from the docs' sections (section heading as the question, its first paragraphs as the answer)
+    python examples/train_tiny_moe.py --data build/tiny-moe-data --init-from build/tiny-moe-base \
+        --out flashmoe_mlx/default_model --chat-frac 0.375 --batch-size 8 --lr 2e-4 --warmup 50 \
+        --aux-coef 0.05 --steps 1000 --stop-after 502 --threads 2
+
+Without ``--prepare-only`` and with a ``--data`` folder that does not hold prepared files yet, the
+preparation runs first, then the training. On a CPU pass ``--threads`` and ``--max-minutes`` (training then shortens its
+schedule to fit, after timing 20 steps). The weights with the lowest validation loss are the ones saved. With chat data, that loss
+is the sum of the plain-text and chat validation losses.
 Runs are deterministic given ``--seed`` as far as torch allows (CUDA kernels and thread counts can
 still change the last bits). The script writes no SOURCE.md; the training summary (perplexities,
 expert loads, history) goes to ``<out>.train_summary.json`` beside the checkpoint unless ``--summary``
@@ -555,7 +562,8 @@ def train(args) -> None:
         opt.step()
 
         last = step == total - 1
-        out_of_time = args.max_minutes and (time.time() - t0) > args.max_minutes * 60
+        out_of_time = (args.max_minutes and (time.time() - t0) > args.max_minutes * 60) or \
+            (args.stop_after and step + 1 >= args.stop_after)
         if step % args.log_every == 0 or last or out_of_time:
             print(f"step {step:5d} lm {lm.item():.4f} aux {aux.item():.4f} gn {gn.item():.2f} "
                   f"lr {lr_at(step):.2e} {time.time() - t0:7.1f}s", flush=True)
@@ -572,7 +580,7 @@ def train(args) -> None:
             if score < best[0]:
                 best = (score, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if out_of_time:
-            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            print(f"stopping at step {step}: --max-minutes / --stop-after reached", flush=True)
             break
     train_time = time.time() - t0
 
@@ -660,6 +668,8 @@ def main(argv=None):
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (0: no limit)")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this many steps without changing the --steps schedule (0: run it all)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--max-shard-size", default="16MB")
