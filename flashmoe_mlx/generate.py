@@ -40,12 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="flashmoe or mlx-lm checkpoint: local path or hub repo id (default: the bundled demo MoE)")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text, or - to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="maximum tokens to generate")
-    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0 = greedy)")
+    p.add_argument("--temp", type=float, default=None,
+                   help=f"sampling temperature (default {DEFAULT_TEMP}: greedy; the bundled demo model: 0.7)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling probability mass")
     p.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="minimum probability relative to the top token")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="penalty for repeated tokens (e.g. 1.1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeated tokens, e.g. 1.1 (default none; the bundled demo model: 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (the bundled demo model: 0)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--chat-template-config", default=None, help="JSON of extra chat-template arguments")
@@ -57,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention_decode kernel on Metal/CUDA")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (/reset, /stats, /quit)")
     return p
+
+
+# A 10M-parameter model repeats itself when decoded greedily: its demo samples, reproducibly, unless told not to.
+DEMO_SAMPLING = {"temp": 0.7, "repetition_penalty": 1.1, "seed": 0}
+
+
+def _resolve_defaults(args):
+    for name, demo in DEMO_SAMPLING.items():
+        if getattr(args, name) is None and args.model is None:
+            setattr(args, name, demo)
+    if args.temp is None:
+        args.temp = DEFAULT_TEMP
 
 
 def _check_args(args):
@@ -159,6 +173,7 @@ def main(argv=None) -> int:
     from .architecture import UnsupportedModel
 
     try:
+        _resolve_defaults(args)
         _check_args(args)
         budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
         if args.model is None:
