@@ -2,7 +2,8 @@
 
 Owns the per-layer step: one host sync for the routed expert ids, the store makes them resident, the ids
 are remapped to slots, and mlx-lm's own `SwitchGLU.__call__` runs over the pool (so the arithmetic is
-mlx-lm's, kernel for kernel). When a batch routes to more distinct experts than the layer has slots
+mlx-lm's, kernel for kernel), except for decode steps on a GPU, where the fused `expert_swiglu` kernel
+serves plain-SwiGLU affine experts. When a batch routes to more distinct experts than the layer has slots
 (long prefills under small budgets), it runs in waves: each wave's experts are read once and applied to
 all of their tokens, and the wave is evaluated before its slots are reused.
 """
