@@ -1,8 +1,8 @@
 """The expert store: a fixed pool of slots per MoE layer, filled from disk on demand.
 
 Owns the pools (MLX arrays shaped like mlx-lm's stacked experts, `[slots, ...]`, held by the layer's
-projection modules so mlx-lm's own SwitchGLU math runs on them), the expert->slot maps, eviction, the
-reads, and the stats. Bookkeeping is numpy arrays per layer: no Python object per expert on the hot path.
+projection modules so mlx-lm's own SwitchGLU math runs on them), the reads, and the stats. Which expert sits
+in which slot, and whom to evict, is residency.py's SlotMap (numpy arrays: no per-expert Python objects).
 
 Reads are positional (`preadv`) on a small thread pool, one per packed record (its iovecs scatter the
 record's tensors), adjacent spans of stock checkpoints merged. Where the backend's arrays live in host
@@ -27,40 +27,17 @@ import numpy as np
 
 from .format import DTYPES, FormatError, checksum
 from .layout import LayerLayout
+from .residency import POLICIES, SlotMap
 
 STAGING_BYTES = 64 << 20  # misses are read in batches of at most this many bytes
 MAX_READ = 8 << 20  # merged reads are split so the thread pool keeps several in flight
-
-
-class LRU:
-    """Evict the slot used longest ago; free slots first. The policy interface is `touch` and `victims`."""
-
-    def __init__(self, num_slots: int):
-        self.last_use = np.full(num_slots, -1, np.int64)
-        self.clock = 0
-
-    def touch(self, slots: np.ndarray):
-        self.clock += 1
-        self.last_use[slots] = self.clock
-
-    def victims(self, count: int, protected: np.ndarray) -> np.ndarray:
-        age = self.last_use.copy()
-        age[protected] = np.iinfo(np.int64).max
-        if count >= len(age):
-            return np.argsort(age, kind="stable")[:count]
-        return np.argpartition(age, count - 1)[:count]
-
-
-POLICIES = {"lru": LRU}
 
 
 @dataclass
 class LayerPool:
     layout: LayerLayout
     tensors: dict[str, mx.array]  # name -> [slots, ...]; the same objects the projection modules hold
-    slot_of: np.ndarray  # int32 [num_experts], -1 when not resident
-    expert_of: np.ndarray  # int32 [slots], -1 when free
-    policy: LRU
+    slots: SlotMap
     fds: list[int] = field(default_factory=list)
     host: dict[str, np.ndarray | None] = field(default_factory=dict)  # direct-read views of `tensors`
 
@@ -80,8 +57,7 @@ class ExpertStore:
             tensors = {t.name: mx.zeros((slots, *t.shape), self.pool_dtype(t.dtype, float_dtype))
                        for t in layout.tensors}
             fds = [self._open(s.file) for s in layout.segments]
-            self.pools[layout.layer] = LayerPool(layout, tensors, np.full(layout.num_experts, -1, np.int32),
-                                                 np.full(slots, -1, np.int32), POLICIES[policy](slots), fds)
+            self.pools[layout.layer] = LayerPool(layout, tensors, SlotMap(layout.num_experts, slots, policy), fds)
         mx.eval([p.tensors for p in self.pools.values()])
         for pool in self.pools.values():
             pool.host = {t.name: self._host_view(pool.tensors[t.name], t.dtype) for t in pool.layout.tensors}
@@ -156,33 +132,21 @@ class ExpertStore:
     # ---------------------------------------------------------------- lookups
 
     def capacity(self, layer: int) -> int:
-        return len(self.pools[layer].expert_of)
+        return self.pools[layer].slots.num_slots
 
     def fetch(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make the given distinct experts resident (at most `capacity(layer)`); return their slots."""
         pool = self.pools[layer]
-        slots = pool.slot_of[experts]
-        missing = slots < 0
-        n_miss = int(missing.sum())
-        self._stats["hits"] += len(experts) - n_miss
-        self._stats["misses"] += n_miss
-        if n_miss:
-            victims = pool.policy.victims(n_miss, slots[~missing])
-            evicted = pool.expert_of[victims]
-            evicted = evicted[evicted >= 0]
-            self._stats["evictions"] += len(evicted)
-            pool.slot_of[evicted] = -1
-            pool.expert_of[victims] = experts[missing]
-            pool.slot_of[experts[missing]] = victims
+        slots, missing, victims, evicted = pool.slots.assign(experts)
+        self._stats["hits"] += len(experts) - len(missing)
+        self._stats["misses"] += len(missing)
+        self._stats["evictions"] += evicted
+        if len(missing):
             try:
-                self._load(pool, experts[missing], victims)
+                self._load(pool, missing, victims)
             except BaseException:
-                # Nothing half-read may count as resident (a failed checksum, Ctrl-C mid-read).
-                pool.slot_of[experts[missing]] = -1
-                pool.expert_of[victims] = -1
+                pool.slots.forget(missing, victims)  # a failed checksum, Ctrl-C mid-read
                 raise
-            slots = pool.slot_of[experts]
-        pool.policy.touch(slots)
         return slots
 
     # ---------------------------------------------------------------- reads
