@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; continue with --resume", file=sys.stderr)
+        print("interrupted; continue with --resume", file=sys.stderr)
         return 130
 
 

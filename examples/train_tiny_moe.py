@@ -40,7 +40,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -524,8 +523,7 @@ def train(args) -> None:
 
     best = (float("inf"), -1, None)
     history = []
-    t0 = time.time()
-    step = 0
+    t0 = t_mark = time.time()
     aux_coef = args.aux_coef
     step = -1
     while step + 1 < total:

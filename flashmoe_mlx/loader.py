@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model, load_tokenizer
 
 from . import kernels
 from .architecture import ExpertBlock, UnsupportedModel, model_classes
-from .format import FormatError
 from .hub import NotFound, resolve_path
 from .layout import check_layouts, check_safetensors_file, flashmoe_layouts, is_flashmoe, stock_layouts
 from .store import ExpertStore

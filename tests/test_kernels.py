@@ -73,7 +73,7 @@ def test_decode_path_runs_the_kernel_end_to_end(mlx_checkpoint):
     tokens = mx.array([[5, 17, 99, 3, 250, 8]])
     ref_cache, cache = make_prompt_cache(ref), make_prompt_cache(model)
     with kernels.use_runner(counting_runner):
-        for step in range(4):
+        for _ in range(4):
             a, b = ref(tokens, cache=ref_cache), model(tokens, cache=cache)
             assert mx.abs(a - b).max().item() <= 1e-4
             tokens = mx.argmax(a[:, -1:], axis=-1)
