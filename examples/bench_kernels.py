@@ -120,8 +120,42 @@ def op_overhead(ops=60, iters=50) -> float:
     return (time.perf_counter() - t0) / iters / ops
 
 
+def rows_sweep(combos=((2, 4), (4, 8), (8, 8), (4, 16), (8, 16))) -> list[dict]:
+    """The fused path's ms/token for other rows per SIMD-group (UP_ROWS, DOWN_ROWS), 4-bit, in one run."""
+    from flashmoe_mlx import kernels
+
+    chosen = kernels.UP_ROWS, kernels.DOWN_ROWS
+    out = []
+    for up_rows, down_rows in combos:
+        kernels.UP_ROWS, kernels.DOWN_ROWS = up_rows, down_rows
+        r = speed(4, 4, layers=10, iters=30)
+        out.append({"rows": [up_rows, down_rows], "fused_ms_per_layer": r["fused_ms"] / 10,
+                    "builtin_ms_per_layer": r["builtin_ms"] / 10})
+    kernels.UP_ROWS, kernels.DOWN_ROWS = chosen
+    return out
+
+
+def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
+    """attention_decode's ms at other minimum keys per SIMD-group (fewer: more splits), both shapes."""
+    from flashmoe_mlx import kernels
+
+    chosen = kernels.KEYS_PER_SIMD_GROUP
+    out = []
+    for keys in choices:
+        kernels.KEYS_PER_SIMD_GROUP = keys
+        out.append({"keys_per_simd_group": keys, "ms": [attention(iters=30, check=False)["ms"]["attention_decode"],
+                    attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]})
+    kernels.KEYS_PER_SIMD_GROUP = chosen
+    return out
+
+
 def profile_once():
-    """One layer, each path twice: a short run for a kernel profiler (ncu) to time the kernels alone."""
+    """One layer and one attention step, each path twice (the fused path also at 8 rows per pass-1
+    SIMD-group): a short run for a kernel profiler (ncu) to time the kernels alone."""
+    from flashmoe_mlx import kernels
+
+    attention(iters=2, check=False)
+    attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
     for bits in ((4, 4), (3, 4)):
         pool = quantized_pool(4096, 1024, 64, *bits, 64, mx.bfloat16)
         ids = mx.array(np.arange(0, 60, 6)[None].astype(np.uint32))
@@ -130,17 +164,22 @@ def profile_once():
         for _ in range(2):
             mx.eval((pool(x, ids) * w[..., None]).sum(axis=-2))
             mx.eval(expert_swiglu(x, pool, ids, w))
+        chosen, kernels.UP_ROWS = kernels.UP_ROWS, 8
+        mx.eval(expert_swiglu(x, pool, ids, w))
+        kernels.UP_ROWS = chosen
 
 
-def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=50) -> dict:
-    """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16."""
+def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=50, check=True) -> dict:
+    """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16. FMAs:
+    the multiply-adds the step needs (scores and values: 2 * heads * keys * dim), for the compute bound."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
 
     errors = []
     rng = np.random.default_rng(2)
-    for n, hq, hkv, d, b, gs in [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64)]:
+    cases = [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64), (9000, 32, 4, 128, 4, 64)]
+    for n, hq, hkv, d, b, gs in cases if check else []:
         q = mx.array(rng.standard_normal((1, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
         k = mx.quantize(mx.random.normal((1, hkv, n, d)).astype(mx.bfloat16), gs, b)
         v = mx.quantize(mx.random.normal((1, hkv, n, d)).astype(mx.bfloat16), gs, b)
@@ -174,7 +213,7 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
         times[name] = (time.perf_counter() - t0) / iters
     kv_bytes = sum(a.nbytes for a in (*k, *v))
     return {"max_abs_err": errors, "keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
-            "kv_bytes": kv_bytes, "ms": {n: t * 1e3 for n, t in times.items()},
+            "kv_bytes": kv_bytes, "fmas": 2 * q_heads * keys * dim, "ms": {n: t * 1e3 for n, t in times.items()},
             "gbps": {n: kv_bytes / t / 1e9 for n, t in times.items()},
             "speedup_vs_dequant_sdpa": times["dequantize+sdpa"] / times["attention_decode"]}
 
@@ -193,12 +232,20 @@ def main():
     result = {"device": mx.device_info().get("device_name", "?"), "copy_bandwidth_gbps": bound,
               "op_overhead_us": op_overhead() * 1e6}
     if args.only != "experts":
-        result["attention"] = attn = attention()
-        print(f"attention_decode max abs err vs reference {['%.1e' % e for e in attn['max_abs_err']]}")
-        print(f"\n| {attn['keys']} keys, 4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB) | ms | GB/s | of copy bound |"
-              f"\n|---|---|---|---|")
-        for name in attn["ms"]:
-            print(f"| {name} | {attn['ms'][name]:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} |")
+        result["attention"] = [attention(), attention(kv_heads=2, dim=256, check=False)]
+        for attn in result["attention"]:
+            if attn["max_abs_err"]:
+                print(f"attention_decode max abs err vs reference {[f'{e:.1e}' for e in attn['max_abs_err']]}")
+            print(f"\n| {attn['keys']} keys, heads {attn['heads'][0]}/{attn['heads'][1]}, dim {attn['dim']}, "
+                  f"4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB, {attn['fmas'] / 1e6:.0f}M FMA) | ms | GB/s "
+                  f"| of copy bound | TFMA/s |\n|---|---|---|---|---|")
+            for name, ms in attn["ms"].items():
+                print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
+                      f"| {attn['fmas'] / ms / 1e9:.1f} |")
+        result["keys_sweep"] = keys_sweep()
+        print("\n| min keys per SIMD-group | ms (32/4 heads, dim 128) | ms (32/2 heads, dim 256) |\n|---|---|---|")
+        for r in result["keys_sweep"]:
+            print(f"| {r['keys_per_simd_group']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
     if args.only == "attention":
         if args.json:
             with open(args.json, "w") as f:
@@ -206,8 +253,7 @@ def main():
         return
     rows = correctness()
     runs = [speed(4, 4), speed(3, 4)]
-    result.update(correctness=rows, speed=runs)
-    print(json.dumps(result, indent=1))
+    result.update(correctness=rows, speed=runs, rows_sweep=rows_sweep())
     print(f"\ncorrectness: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance; "
           f"framework floor {result['op_overhead_us']:.1f} us per op")
     print(f"\n| experts (gate/up, down bits) | built-in ms/token | fused ms/token | built-in GB/s | fused GB/s "
@@ -215,6 +261,9 @@ def main():
     for r in runs:
         print(f"| {r['bits'][0]}/{r['bits'][1]} | {r['builtin_ms']:.2f} | {r['fused_ms']:.2f} | "
               f"{r['builtin_gbps']:.0f} | {r['fused_gbps']:.0f} | {r['fused_gbps'] / bound:.0%} | {r['speedup']:.1f}x |")
+    print("\n| rows per SIMD-group (gate/up, down) | fused ms/layer | built-in ms/layer |\n|---|---|---|")
+    for r in result["rows_sweep"]:
+        print(f"| {r['rows'][0]}, {r['rows'][1]} | {r['fused_ms_per_layer']:.3f} | {r['builtin_ms_per_layer']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -18,7 +18,9 @@ import mlx.nn as nn
 
 PROLOGUE_MARK = "// ---- prologue ----"
 THREADGROUP = 128  # 4 SIMD-groups
-UP_ROWS, DOWN_ROWS = 4, 8  # output rows per SIMD-group, as in the two kernel bodies
+UP_ROWS, DOWN_ROWS = 4, 8  # output rows per SIMD-group (the bodies' ROWS): 8 and 8 weight chunks in flight per lane
+UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
+MAX_HIDDEN = 7680  # pass 1 stages 34/32 floats per activation: 30.6 KiB of the 32 KiB Metal guarantees
 MAX_DECODE_TOKENS = 4
 
 
@@ -98,12 +100,14 @@ def _affine(proj: nn.Module) -> bool:
 
 
 def supports_expert_swiglu(pool: nn.Module) -> bool:
-    """Affine-quantized gate/up/down without linear biases and a plain SwiGLU (not gpt-oss's clamped one)."""
+    """Affine-quantized gate/up/down without linear biases, a plain SwiGLU (not gpt-oss's clamped one), and
+    activations that fit pass 1's threadgroup memory."""
     from mlx_lm.models.switch_layers import SwiGLU
 
-    return isinstance(pool.activation, SwiGLU) and all(
-        _affine(getattr(pool, p)) for p in ("gate_proj", "up_proj", "down_proj")
-    )
+    projections = ("gate_proj", "up_proj", "down_proj")
+    if not (isinstance(pool.activation, SwiGLU) and all(_affine(getattr(pool, p)) for p in projections)):
+        return False
+    return pool.gate_proj.scales.shape[-1] * pool.gate_proj.group_size <= MAX_HIDDEN
 
 
 def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.array | None = None,
@@ -112,7 +116,7 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
     slots slot_ids[t, j]. `pool` holds gate_proj/up_proj/down_proj (QuantizedSwitchLinear over the slots).
     x: [NT, H]; slot_ids: [NT, K]. Returns [NT, H], or [NT, K, H] (each expert apart) without weights."""
     runner = runner or active_runner()
-    if runner is None:
+    if runner is None or not supports_expert_swiglu(pool):
         return expert_swiglu_reference(x, pool, slot_ids, weights)
     gate, up, down = pool.gate_proj, pool.up_proj, pool.down_proj
     nt, hidden = x.shape
@@ -125,8 +129,9 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
         {"x": x, "gate_w": gate.weight, "gate_s": gate.scales, "gate_b": gate.biases,
          "up_w": up.weight, "up_s": up.scales, "up_b": up.biases, "slots": slots},
         {"h": ((nt, k, inter), mx.float32)},
-        {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size},
-        nt * k * -(-inter // UP_ROWS),
+        {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size, "ROWS": UP_ROWS},
+        nt * -(-k * -(-inter // UP_ROWS) // UP_WARPS) * UP_WARPS,  # whole threadgroups per token
+        threadgroup=32 * UP_WARPS,
     ))
     combine = weights is not None
     (y,) = runner(Launch(
@@ -134,7 +139,8 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
         {"h": h, "down_w": down.weight, "down_s": down.scales, "down_b": down.biases, "slots": slots,
          "weights": (weights if combine else mx.ones((nt, k))).astype(x.dtype)},
         {"y": ((nt, hidden) if combine else (nt, k, hidden), x.dtype)},
-        {**constants, "BITS_DOWN": down.bits, "GS_DOWN": down.group_size, "COMBINE": int(combine)},
+        {**constants, "BITS_DOWN": down.bits, "GS_DOWN": down.group_size, "COMBINE": int(combine),
+         "ROWS": DOWN_ROWS},
         nt * k * -(-hidden // DOWN_ROWS),
         threadgroup=32 * k,  # one SIMD-group per expert
     ))
@@ -160,35 +166,56 @@ def expert_swiglu_reference(x: mx.array, pool: nn.Module, slot_ids: mx.array, we
 # ---------------------------------------------------------------- attention_decode
 
 
-def attention_splits(keys: int) -> int:
-    """Splits of the key axis: about 256 keys each, a power of two (few compiled variants), at most 64."""
+SHARED_BYTES = 28 << 10  # threadgroup memory a kernel may take (Metal guarantees 32 KiB)
+KEYS_PER_SIMD_GROUP = 64  # at least; fewer means more splits, whose partial results cost a write and a read
+
+
+def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -> tuple[int, int] | None:
+    """(splits, SIMD-groups per threadgroup) for `batch_heads` (batch x kv heads) over `keys`: the most
+    SIMD-groups whose threadgroup memory fits, then splits doubled while each SIMD-group keeps
+    KEYS_PER_SIMD_GROUP keys and the grid stays <= 1024 threadgroups. None: nothing fits."""
+    padded = -(-heads_per_kv // 4) * 4
+    floats = lambda warps: padded * (dim + dim // 32) + warps * (32 * padded + dim + 2 * padded)  # noqa: E731
+    warps = next((w for w in (8, 4, 2, 1) if 4 * floats(w) <= SHARED_BYTES), None)
+    if warps is None:
+        return None
     splits = 1
-    while splits < 64 and keys > 256 * splits:
+    while splits < 256 and keys >= 2 * splits * warps * KEYS_PER_SIMD_GROUP and 2 * splits * batch_heads <= 1024:
         splits *= 2
-    return splits
+    return splits, warps
+
+
+def supports_attention_decode(heads: int, kv_heads: int, dim: int, bits: int, group_size: int) -> bool:
+    """What the kernel body requires: whole packs, each lane's value dims in one group and one aligned span."""
+    lane_bits = dim // 32 * bits
+    return (dim % 32 == 0 and heads % kv_heads == 0 and group_size % (dim // 32) == 0
+            and (32 % lane_bits == 0 or lane_bits % 32 == 0)
+            and attention_layout(1, 1, heads // kv_heads, dim) is not None)
 
 
 def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, group_size: int, bits: int,
                      runner=None) -> mx.array:
     """softmax(q k^T * scale) v for one query token over an MLX-affine quantized cache (mlx-lm's
-    QuantizedKVCache layout: (weights, scales, biases), each [B, HKV, N, ...]). q: [B, HQ, 1, D] -> [B, HQ, 1, D]."""
+    QuantizedKVCache layout: (weights, scales, biases), each [B, HKV, N, ...]). q: [B, HQ, 1, D] -> [B, HQ, 1, D].
+    Shapes the kernel does not take (see supports_attention_decode) run the reference."""
     runner = runner or active_runner()
-    if runner is None:
-        return attention_decode_reference(q, keys, values, scale, group_size, bits)
     b, hq, _, d = q.shape
     hkv, n = keys[0].shape[1], keys[0].shape[2]
-    splits = attention_splits(n)
+    if runner is None or not supports_attention_decode(hq, hkv, d, bits, group_size):
+        return attention_decode_reference(q, keys, values, scale, group_size, bits)
+    splits, warps = attention_layout(b * hkv, n, hq // hkv, d)
     constants = {"T": q.dtype, "HQ": hq, "D": d}
     (o, ml) = runner(Launch(
         "attention_decode_split",
         {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
          "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)},
         {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
-        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "SPLITS": splits},
-        b * hq * splits,
+        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "SPLITS": splits, "WARPS": warps},
+        b * hkv * splits * warps,
+        threadgroup=32 * warps,
     ))
     (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, d), q.dtype)},
-                           {**constants, "SPLITS": splits}, b * hq))
+                           {**constants, "SPLITS": splits}, b * hq * d // 32))
     return out.reshape(b, hq, 1, d)
 
 
@@ -211,8 +238,8 @@ def install_attention_decode():
                        base.quantized_scaled_dot_product_attention)
 
     def attention(queries, q_keys, q_values, scale, mask, group_size=64, bits=8):
-        d = queries.shape[-1]
-        if queries.shape[2] == 1 and d % 32 == 0 and not isinstance(mask, mx.array) and active_runner() is not None:
+        shape_ok = supports_attention_decode(queries.shape[1], q_keys[0].shape[1], queries.shape[-1], bits, group_size)
+        if queries.shape[2] == 1 and shape_ok and not isinstance(mask, mx.array) and active_runner() is not None:
             return attention_decode(queries, q_keys, q_values, scale, group_size, bits)
         return original(queries, q_keys, q_values, scale=scale, mask=mask, group_size=group_size, bits=bits)
 

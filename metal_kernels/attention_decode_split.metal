@@ -1,65 +1,183 @@
 // attention_decode, pass 1 of 2: flash decoding of one query token over an MLX-affine quantized KV cache.
-// One SIMD-group per (batch, query head, split of the keys). Lanes score one key each (a dequantizing dot
-// product over D), an online softmax runs across the SIMD-group, and each lane accumulates D/32 output
-// dimensions (d = LANE + 32 i) from the value rows. GQA: query head h reads kv head h / (HQ / HKV).
+// One threadgroup per (batch, kv head, split of the keys); its WARPS SIMD-groups take consecutive chunks of
+// the split and serve all G = HQ / HKV query heads of the kv head at once, so each K/V byte is read once
+// for the whole GQA group. Scores: lane = key (its K row in vector loads, dequantized once, G dot products
+// against q held pre-scaled in threadgroup memory, 4 heads per 16-byte read); online softmax per head
+// across the SIMD-group. Values: lane = D/32 consecutive dims, keys in turn, the chunk's softmax weights
+// read from threadgroup memory. At the end the SIMD-groups merge their (max, sum, accumulator).
+// Heads are padded to GP, a multiple of 4, with zero queries (their results are never written).
 // Inputs: q [B, HQ, D] (T); k_w, v_w [B, HKV, N, D*BITS/32] uint32; k_s, k_b, v_s, v_b [B, HKV, N, D/GS] (T);
 // scale [1] float. Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
-// Template constants: T, HQ, HKV, D, BITS, GS, SPLITS. B and N come from k_w's shape.
+// Template constants: T, HQ, HKV, D, BITS, GS, SPLITS, WARPS (threadgroup: 32 * WARPS). B, N: k_w's shape.
+// Requires (D/32) * BITS to divide 32 or be a multiple of it, and D/32 to divide GS (the wrapper checks).
+constexpr uint32_t G = HQ / HKV;
+constexpr uint32_t G4 = (G + 3) / 4;                      // float4s per (dim or key) over the padded heads
+constexpr uint32_t GP = 4 * G4;
 constexpr uint32_t PACKS = D / 32;
 constexpr uint32_t ROW_WORDS = D * BITS / 32;
 constexpr uint32_t ROW_GROUPS = D / GS;
-constexpr uint32_t DIMS = D / 32;
+constexpr uint32_t DPL = D / 32;                          // value dims per lane
+constexpr uint32_t LANE_BITS = DPL * BITS;                // their bits in a V row
+constexpr uint32_t LANE_WORDS = LANE_BITS > 32 ? LANE_BITS / 32 : 1;
+constexpr int ALIGN = flashmoe_pack_align(BITS, ROW_WORDS);
 constexpr float LOWEST = -3.0e38f;
-const uint32_t B = k_w_shape[0];
+SHARED(float4, qs, D * G4);            // q * scale * prescale, [d][head / 4]
+SHARED(float4, qsum, PACKS * G4);      // q * scale summed over each pack, [pack][head / 4]
+SHARED(float4, chunk_w, WARPS * 32 * G4);  // per SIMD-group: the chunk's softmax weights, [key][head / 4]
+SHARED(float, merge, WARPS * D);       // per SIMD-group: one head's accumulator at a time
+SHARED(float, stats, WARPS * GP * 2);
 const uint32_t N = k_w_shape[2];
-const uint32_t simd = TG * (TG_THREADS / 32) + SIMD_IN_TG;
-if (simd >= B * HQ * SPLITS) return;
-const uint32_t split = simd % SPLITS;
-const uint32_t head = (simd / SPLITS) % HQ;
-const uint32_t b = simd / (SPLITS * HQ);
-const uint32_t row0 = (b * HKV + head / (HQ / HKV)) * N;  // cache row of key 0 for this query head
-const uint32_t per_split = (N + SPLITS - 1) / SPLITS;
-const uint32_t n0 = split * per_split;
-const uint32_t n1 = n0 + per_split < N ? n0 + per_split : N;
+const uint32_t split = TG % SPLITS;
+const uint32_t kvh = (TG / SPLITS) % HKV;
+const uint32_t b = TG / (SPLITS * HKV);
+const uint32_t tid = SIMD_IN_TG * 32 + LANE;
+const uint32_t q0 = (b * HQ + kvh * G) * D;  // q of this kv head's first query head
 const float qk_scale = scale[0];
-float m = LOWEST, l = 0.0f;
-float acc[DIMS];
-for (uint32_t i = 0; i < DIMS; ++i) acc[i] = 0.0f;
-for (uint32_t c = n0; c < n1; c += 32) {
-  const uint32_t n = c + LANE;
-  float s = LOWEST;
-  if (n < n1) {
-    const uint32_t row = row0 + n;
-    float dot = 0.0f;
-    for (uint32_t p = 0; p < PACKS; ++p) {
-      float qs[32];
-      float qsum = 0.0f;
-      for (int i = 0; i < 32; ++i) { qs[i] = float(q[(b * HQ + head) * D + p * 32 + i]); qsum += qs[i]; }
-      const uint32_t g = row * ROW_GROUPS + p * 32 / GS;
-      dot += flashmoe_pack_dot<BITS>(k_w + row * ROW_WORDS + p * BITS, qs, float(k_s[g]), float(k_b[g]), qsum);
-    }
-    s = dot * qk_scale;
-  }
-  const float chunk_max = SIMD_MAX(s);
-  const float m_new = m > chunk_max ? m : chunk_max;
-  const float weight = n < n1 ? EXP(s - m_new) : 0.0f;
-  const float rescale = EXP(m - m_new);
-  l = l * rescale + SIMD_SUM(weight);
-  for (uint32_t i = 0; i < DIMS; ++i) acc[i] *= rescale;
-  const uint32_t count = n1 - c < 32 ? n1 - c : 32;
-  for (uint32_t j = 0; j < count; ++j) {
-    const float wj = SIMD_SHUFFLE(weight, j);
-    const uint32_t row = row0 + c + j;
-    for (uint32_t i = 0; i < DIMS; ++i) {
-      const uint32_t d = LANE + 32 * i, bit = d * BITS, word = bit / 32, shift = bit % 32;
-      uint32_t bits = v_w[row * ROW_WORDS + word] >> shift;
-      if (shift + BITS > 32) bits |= v_w[row * ROW_WORDS + word + 1] << (32 - shift);
-      const uint32_t g = row * ROW_GROUPS + d / GS;
-      acc[i] += wj * (float(v_s[g]) * flashmoe_q_to_float(bits & ((1u << BITS) - 1u)) + float(v_b[g]));
-    }
-  }
-  m = m_new;
+for (uint32_t e = tid; e < D * G4; e += 32 * WARPS) {
+  const uint32_t d = e / G4, h = e % G4 * 4;
+  float v[4];
+  UNROLL for (uint32_t k = 0; k < 4; ++k)
+    v[k] = h + k < G ? float(q[q0 + (h + k) * D + d]) * qk_scale * flashmoe_prescale<BITS>(d % 32) : 0.0f;
+  qs[e] = FLOAT4(v[0], v[1], v[2], v[3]);
 }
-const uint32_t out = (b * HQ + head) * SPLITS + split;
-for (uint32_t i = 0; i < DIMS; ++i) o[out * D + LANE + 32 * i] = acc[i];
-if (LANE == 0) { ml[out * 2] = m; ml[out * 2 + 1] = l; }
+BARRIER();
+// Pack sums from the staged copy (undoing the prescale): no chain of global loads per thread.
+for (uint32_t e = tid; e < PACKS * G4; e += 32 * WARPS) {
+  const uint32_t p = e / G4, h4 = e % G4;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (uint32_t i = 0; i < 32; ++i) {
+    const float4 qv = qs[(p * 32 + i) * G4 + h4];
+    const float unscale = 1.0f / flashmoe_prescale<BITS>(i);
+    v[0] += qv.x * unscale;
+    v[1] += qv.y * unscale;
+    v[2] += qv.z * unscale;
+    v[3] += qv.w * unscale;
+  }
+  qsum[e] = FLOAT4(v[0], v[1], v[2], v[3]);
+}
+BARRIER();
+// Keys of this SIMD-group: its share of the split, whole chunks of 32.
+const uint32_t per_split = (N + SPLITS - 1) / SPLITS;
+const uint32_t per_warp = ((per_split + WARPS - 1) / WARPS + 31) / 32 * 32;
+const uint32_t split_end = (split + 1) * per_split < N ? (split + 1) * per_split : N;
+const uint32_t n0 = split * per_split + SIMD_IN_TG * per_warp;
+const uint32_t n1 = n0 + per_warp < split_end ? n0 + per_warp : split_end;
+const uint32_t row0 = (b * HKV + kvh) * N;  // cache row of key 0
+const uint32_t mine = SIMD_IN_TG * 32 * G4;
+float m[GP], l[GP], acc[GP][DPL];
+UNROLL for (uint32_t h = 0; h < GP; ++h) {
+  m[h] = LOWEST;
+  l[h] = 0.0f;
+  UNROLL for (uint32_t i = 0; i < DPL; ++i) acc[h][i] = 0.0f;
+}
+for (uint32_t c = n0; c < n1; c += 32) {
+  const uint32_t last = n1 - c < 32 ? n1 - c - 1 : 31;  // lanes past the end score key c + last, masked
+  // Scores of key c + LANE for every head.
+  const uint32_t krow = row0 + c + (LANE < last ? LANE : last);
+  uint32_t kw[ROW_WORDS];
+  float ks[PACKS], kb[PACKS];
+  flashmoe_load_words<ROW_WORDS, ALIGN>(k_w + krow * ROW_WORDS, kw);
+  UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
+    ks[p] = float(k_s[krow * ROW_GROUPS + p * 32 / GS]);
+    kb[p] = float(k_b[krow * ROW_GROUPS + p * 32 / GS]);
+  }
+  float s[GP];
+  UNROLL for (uint32_t h = 0; h < GP; ++h) s[h] = 0.0f;
+  UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
+    float part[GP];
+    UNROLL for (uint32_t h = 0; h < GP; ++h) part[h] = 0.0f;
+    UNROLL for (int i = 0; i < 32; ++i) {
+      const float kv = flashmoe_value<BITS>(kw + p * BITS, i);
+      UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4) {
+        const float4 qv = qs[(p * 32 + i) * G4 + h4];
+        part[4 * h4] += kv * qv.x;
+        part[4 * h4 + 1] += kv * qv.y;
+        part[4 * h4 + 2] += kv * qv.z;
+        part[4 * h4 + 3] += kv * qv.w;
+      }
+    }
+    UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4) {
+      const float4 qv = qsum[p * G4 + h4];
+      s[4 * h4] += ks[p] * part[4 * h4] + kb[p] * qv.x;
+      s[4 * h4 + 1] += ks[p] * part[4 * h4 + 1] + kb[p] * qv.y;
+      s[4 * h4 + 2] += ks[p] * part[4 * h4 + 2] + kb[p] * qv.z;
+      s[4 * h4 + 3] += ks[p] * part[4 * h4 + 3] + kb[p] * qv.w;
+    }
+  }
+  // Online softmax per head; this chunk's weights go to threadgroup memory for the value pass.
+  float w[GP];
+  UNROLL for (uint32_t h = 0; h < GP; ++h) {
+    w[h] = 0.0f;
+    if (h < G) {
+      const float score = LANE <= last ? s[h] : LOWEST;
+      const float top = SIMD_MAX(score);
+      const float m_new = m[h] > top ? m[h] : top;
+      w[h] = LANE <= last ? EXP(score - m_new) : 0.0f;
+      const float rescale = EXP(m[h] - m_new);
+      l[h] = l[h] * rescale + SIMD_SUM(w[h]);
+      m[h] = m_new;
+      UNROLL for (uint32_t i = 0; i < DPL; ++i) acc[h][i] *= rescale;
+    }
+  }
+  UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4)
+    chunk_w[mine + LANE * G4 + h4] = FLOAT4(w[4 * h4], w[4 * h4 + 1], w[4 * h4 + 2], w[4 * h4 + 3]);
+  SIMD_BARRIER();
+  // Values: dims [DPL * LANE, DPL * LANE + DPL) of each key of the chunk (weight 0 past the end).
+  const uint32_t group = DPL * LANE / GS;
+  const uint32_t word = LANE_BITS * LANE / 32;
+  const uint32_t shift = LANE_BITS < 32 ? LANE_BITS * LANE % 32 : 0;
+  for (uint32_t j0 = 0; j0 < 32; j0 += 8) {
+    uint32_t vw[8][LANE_WORDS];
+    float vs[8], vb[8];
+    UNROLL for (uint32_t jj = 0; jj < 8; ++jj) {
+      const uint32_t vrow = row0 + c + (j0 + jj < last ? j0 + jj : last);
+      UNROLL for (uint32_t k = 0; k < LANE_WORDS; ++k) vw[jj][k] = v_w[vrow * ROW_WORDS + word + k] >> shift;
+      vs[jj] = float(v_s[vrow * ROW_GROUPS + group]);
+      vb[jj] = float(v_b[vrow * ROW_GROUPS + group]);
+    }
+    UNROLL for (uint32_t jj = 0; jj < 8; ++jj) {
+      float v[DPL];
+      UNROLL for (uint32_t i = 0; i < DPL; ++i)
+        v[i] = vs[jj] * flashmoe_prescale<BITS>(i) * flashmoe_value<BITS>(vw[jj], i) + vb[jj];
+      UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4) {
+        const float4 wv = chunk_w[mine + (j0 + jj) * G4 + h4];
+        UNROLL for (uint32_t i = 0; i < DPL; ++i) {
+          acc[4 * h4][i] += wv.x * v[i];
+          acc[4 * h4 + 1][i] += wv.y * v[i];
+          acc[4 * h4 + 2][i] += wv.z * v[i];
+          acc[4 * h4 + 3][i] += wv.w * v[i];
+        }
+      }
+    }
+  }
+  SIMD_BARRIER();
+}
+// Merge the SIMD-groups: M = max of their maxima, each scaled by e^(m - M).
+if (LANE == 0) {
+  UNROLL for (uint32_t h = 0; h < G; ++h) {
+    stats[(SIMD_IN_TG * GP + h) * 2] = m[h];
+    stats[(SIMD_IN_TG * GP + h) * 2 + 1] = l[h];
+  }
+}
+BARRIER();
+const uint32_t out = (b * HQ + kvh * G) * SPLITS + split;  // (batch, first query head, split)
+if (tid < G) {
+  float top = LOWEST, total = 0.0f;
+  for (uint32_t w = 0; w < WARPS; ++w) top = top > stats[(w * GP + tid) * 2] ? top : stats[(w * GP + tid) * 2];
+  for (uint32_t w = 0; w < WARPS; ++w) total += EXP(stats[(w * GP + tid) * 2] - top) * stats[(w * GP + tid) * 2 + 1];
+  ml[(out + tid * SPLITS) * 2] = top;
+  ml[(out + tid * SPLITS) * 2 + 1] = total;
+}
+UNROLL for (uint32_t h = 0; h < G; ++h) {
+  float top = LOWEST;
+  for (uint32_t w = 0; w < WARPS; ++w) top = top > stats[(w * GP + h) * 2] ? top : stats[(w * GP + h) * 2];
+  const float factor = EXP(m[h] - top);
+  UNROLL for (uint32_t i = 0; i < DPL; ++i) merge[SIMD_IN_TG * D + DPL * LANE + i] = acc[h][i] * factor;
+  BARRIER();
+  for (uint32_t d = tid; d < D; d += 32 * WARPS) {
+    float sum = 0.0f;
+    for (uint32_t w = 0; w < WARPS; ++w) sum += merge[w * D + d];
+    o[(out + h * SPLITS) * D + d] = sum;
+  }
+  BARRIER();
+}

@@ -2,36 +2,45 @@
 // over the token's K experts: y[t, r] = sum_j weights[t, j] * (down_s . h[t, j]). Without COMBINE each
 // expert's rows are written apart: y[t, j, r]. A threadgroup is K SIMD-groups, one per expert, over the same
 // ROWS rows (so the whole card is busy even for one token); with COMBINE they meet in threadgroup memory.
-// Each lane holds its 32-value pack of h in registers across the ROWS rows; float accumulation.
-// Inputs: h [NT, K, I] float; down_w [S, H, I*BITS_DOWN/32] uint32; down_s/down_b [S, H, I/GS_DOWN] (T);
+// As in pass 1: lanes take whole packs, all ROWS weight chunks are loaded before the arithmetic, and the
+// lane's 32 values of h are pre-scaled once for all ROWS rows. Float accumulation.
+// Inputs: h [NT, K, I] float, pack-transposed by pass 1 (value i of pack p at i * I/32 + p: the lanes' loads
+// are coalesced); down_w [S, H, I*BITS_DOWN/32] uint32; down_s/down_b [S, H, I/GS_DOWN] (T);
 // slots [NT, K] uint32; weights [NT, K] (T). Output: y [NT, H] or [NT, K, H] (T).
-// Template constants: T, NT, K, H, I, BITS_DOWN, GS_DOWN, COMBINE. Threadgroup: 32 * K threads.
-constexpr uint32_t ROWS = 8;
+// Template constants: T, NT, K, H, I, BITS_DOWN, GS_DOWN, COMBINE, ROWS. Threadgroup: 32 * K threads.
 constexpr uint32_t PACKS = I / 32;
 constexpr uint32_t ROW_WORDS = I * BITS_DOWN / 32;
 constexpr uint32_t ROW_GROUPS = I / GS_DOWN;
 constexpr uint32_t BLOCKS = (H + ROWS - 1) / ROWS;
+constexpr int ALIGN = flashmoe_pack_align(BITS_DOWN, ROW_WORDS);
 SHARED(float, parts, K * ROWS);
 const uint32_t t = TG / BLOCKS;
 const uint32_t r0 = (TG % BLOCKS) * ROWS;
 const uint32_t j = SIMD_IN_TG;
 const uint32_t slot = slots[t * K + j];
 float acc[ROWS];
-for (uint32_t r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] = 0.0f;
 for (uint32_t p = LANE; p < PACKS; p += 32) {
+  const uint32_t group = p * 32 / GS_DOWN;
+  uint32_t dw[ROWS][BITS_DOWN];
+  float ds[ROWS], db[ROWS];
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
+    const uint32_t row = slot * H + (r0 + r < H ? r0 + r : H - 1);  // rows past H: as in pass 1
+    flashmoe_load_words<BITS_DOWN, ALIGN>(down_w + row * ROW_WORDS + p * BITS_DOWN, dw[r]);
+    ds[r] = float(down_s[row * ROW_GROUPS + group]);
+    db[r] = float(down_b[row * ROW_GROUPS + group]);
+  }
   float hs[32];
   float hsum = 0.0f;
-  for (int i = 0; i < 32; ++i) { hs[i] = h[(t * K + j) * I + p * 32 + i]; hsum += hs[i]; }
-  const uint32_t group = p * 32 / GS_DOWN;
-  for (uint32_t r = 0; r < ROWS && r0 + r < H; ++r) {
-    const uint32_t row = slot * H + r0 + r;
-    acc[r] += flashmoe_pack_dot<BITS_DOWN>(down_w + row * ROW_WORDS + p * BITS_DOWN, hs,
-                                           float(down_s[row * ROW_GROUPS + group]),
-                                           float(down_b[row * ROW_GROUPS + group]), hsum);
+  UNROLL for (int i = 0; i < 32; ++i) {
+    const float v = h[(t * K + j) * I + i * PACKS + p];
+    hsum += v;
+    hs[i] = v * flashmoe_prescale<BITS_DOWN>(i);
   }
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] += ds[r] * flashmoe_pack_dot<BITS_DOWN>(dw[r], hs) + db[r] * hsum;
 }
 const float weight = COMBINE ? float(weights[t * K + j]) : 1.0f;
-for (uint32_t r = 0; r < ROWS; ++r) {
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
   const float sum = SIMD_SUM(acc[r]);
   if (LANE == 0 && r0 + r < H) {
     if (COMBINE) parts[j * ROWS + r] = weight * sum;

@@ -1,36 +1,68 @@
 // expert_swiglu, pass 1 of 2 (decode, 1-4 tokens): h[t, j, r] = silu(gate_s . x_t) * (up_s . x_t) for the
-// pool slot s = slots[t, j] of each of the token's K experts. One SIMD-group computes ROWS rows of one
-// (t, j); x is read once per 32-value pack and feeds 2 * ROWS dot products; float accumulation.
+// pool slot s = slots[t, j] of each of the token's K experts. A threadgroup serves one token: it stages
+// x_t in threadgroup memory once (as floats, pre-scaled, padded to 33 per pack so the 32 lanes reading 32
+// different packs hit 32 different banks), then each SIMD-group computes ROWS rows of one expert. Lanes take
+// whole 32-value packs (p = LANE + 32 n): a row is read in coalesced 16-byte loads, and per pack all 2 * ROWS
+// weight chunks are loaded before any arithmetic so their latencies overlap. Float accumulation.
+// h is written pack-transposed, h[t, j, i * I/32 + p] for row 32 p + i, so that pass 2's lanes, one pack
+// each, read it coalesced.
 // Inputs: x [NT, H] (T); gate_w/up_w [S, I, H*BITS_UP/32] uint32; gate_s/gate_b/up_s/up_b [S, I, H/GS_UP] (T);
-// slots [NT, K] uint32. Output: h [NT, K, I] float. Template constants: T, NT, K, H, I, BITS_UP, GS_UP.
-constexpr uint32_t ROWS = 4;
+// slots [NT, K] uint32. Output: h [NT, K, I] float. Template constants: T, NT, K, H, I, BITS_UP, GS_UP, ROWS.
+// Threadgroups: NT * TG_PER_TOKEN (see below), any whole number of SIMD-groups each.
 constexpr uint32_t PACKS = H / 32;
 constexpr uint32_t ROW_WORDS = H * BITS_UP / 32;
 constexpr uint32_t ROW_GROUPS = H / GS_UP;
 constexpr uint32_t BLOCKS = (I + ROWS - 1) / ROWS;
-const uint32_t simd = TG * (TG_THREADS / 32) + SIMD_IN_TG;
-if (simd >= NT * K * BLOCKS) return;  // a whole SIMD-group leaves together
-const uint32_t t = simd / (K * BLOCKS);
-const uint32_t j = (simd / BLOCKS) % K;
-const uint32_t r0 = (simd % BLOCKS) * ROWS;
+constexpr int ALIGN = flashmoe_pack_align(BITS_UP, ROW_WORDS);
+SHARED(float, xs_all, PACKS * 33);
+SHARED(float, xsums, PACKS);
+const uint32_t warps = TG_THREADS / 32;
+const uint32_t tg_per_token = (K * BLOCKS + warps - 1) / warps;
+const uint32_t t = TG / tg_per_token;
+const uint32_t tid = SIMD_IN_TG * 32 + LANE;
+for (uint32_t e = tid; e < H; e += TG_THREADS) xs_all[e / 32 * 33 + e % 32] = float(x[t * H + e]);
+BARRIER();
+for (uint32_t p = tid; p < PACKS; p += TG_THREADS) {
+  float sum = 0.0f;
+  for (uint32_t i = 0; i < 32; ++i) {
+    sum += xs_all[p * 33 + i];
+    xs_all[p * 33 + i] *= flashmoe_prescale<BITS_UP>(i);
+  }
+  xsums[p] = sum;
+}
+BARRIER();
+const uint32_t work = (TG % tg_per_token) * warps + SIMD_IN_TG;  // (expert, row block) of this SIMD-group
+if (work >= K * BLOCKS) return;  // after the barriers: a whole SIMD-group leaves together
+const uint32_t j = work / BLOCKS;
+const uint32_t r0 = (work % BLOCKS) * ROWS;
 const uint32_t slot = slots[t * K + j];
 float g[ROWS], u[ROWS];
-for (uint32_t r = 0; r < ROWS; ++r) { g[r] = 0.0f; u[r] = 0.0f; }
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) { g[r] = 0.0f; u[r] = 0.0f; }
 for (uint32_t p = LANE; p < PACKS; p += 32) {
-  float xs[32];
-  float xsum = 0.0f;
-  for (int i = 0; i < 32; ++i) { xs[i] = float(x[t * H + p * 32 + i]); xsum += xs[i]; }
   const uint32_t group = p * 32 / GS_UP;
-  for (uint32_t r = 0; r < ROWS && r0 + r < I; ++r) {
-    const uint32_t row = slot * I + r0 + r;
-    g[r] += flashmoe_pack_dot<BITS_UP>(gate_w + row * ROW_WORDS + p * BITS_UP, xs, float(gate_s[row * ROW_GROUPS + group]),
-                              float(gate_b[row * ROW_GROUPS + group]), xsum);
-    u[r] += flashmoe_pack_dot<BITS_UP>(up_w + row * ROW_WORDS + p * BITS_UP, xs, float(up_s[row * ROW_GROUPS + group]),
-                              float(up_b[row * ROW_GROUPS + group]), xsum);
+  uint32_t gw[ROWS][BITS_UP], uw[ROWS][BITS_UP];
+  float gs[ROWS], gb[ROWS], us[ROWS], ub[ROWS];
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
+    // Rows past I (the last block) recompute row I - 1: no branch around the loads; never written.
+    const uint32_t row = slot * I + (r0 + r < I ? r0 + r : I - 1);
+    flashmoe_load_words<BITS_UP, ALIGN>(gate_w + row * ROW_WORDS + p * BITS_UP, gw[r]);
+    flashmoe_load_words<BITS_UP, ALIGN>(up_w + row * ROW_WORDS + p * BITS_UP, uw[r]);
+    gs[r] = float(gate_s[row * ROW_GROUPS + group]);
+    gb[r] = float(gate_b[row * ROW_GROUPS + group]);
+    us[r] = float(up_s[row * ROW_GROUPS + group]);
+    ub[r] = float(up_b[row * ROW_GROUPS + group]);
+  }
+  float xs[32];
+  UNROLL for (int i = 0; i < 32; ++i) xs[i] = xs_all[p * 33 + i];
+  const float xsum = xsums[p];
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
+    g[r] += gs[r] * flashmoe_pack_dot<BITS_UP>(gw[r], xs) + gb[r] * xsum;
+    u[r] += us[r] * flashmoe_pack_dot<BITS_UP>(uw[r], xs) + ub[r] * xsum;
   }
 }
-for (uint32_t r = 0; r < ROWS; ++r) {
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
   const float gate = SIMD_SUM(g[r]);
   const float up = SIMD_SUM(u[r]);
-  if (LANE == 0 && r0 + r < I) h[(t * K + j) * I + r0 + r] = flashmoe_silu(gate) * up;
+  const uint32_t row = r0 + r;
+  if (LANE == 0 && row < I) h[(t * K + j) * I + row % 32 * (I / 32) + row / 32] = flashmoe_silu(gate) * up;
 }

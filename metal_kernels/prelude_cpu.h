@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 #define DEVICE
@@ -20,6 +21,12 @@
 #define SHARED(type, name, n) static type name[n]
 #define BARRIER() flashmoe_group->arrive_and_wait()
 #define EXP(v) std::exp(v)
+#define UNROLL _Pragma("GCC unroll 32")
+struct alignas(16) float4 { float x, y, z, w; };
+#define FLOAT4(a, b, c, d) float4{a, b, c, d}
+#define SIMD_BARRIER() flashmoe_simd->meet.arrive_and_wait()
+inline void flashmoe_load4(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 16); }
+inline void flashmoe_load2(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 8); }
 
 struct FlashmoeSimdGroup {
   std::barrier<> meet{32};

@@ -10,6 +10,17 @@
 #define SHARED(type, name, n) __shared__ type name[n]
 #define BARRIER() __syncthreads()
 #define EXP(v) expf(v)
+#define UNROLL _Pragma("unroll")
+#define FLOAT4(a, b, c, d) make_float4(a, b, c, d)
+#define SIMD_BARRIER() __syncwarp()
+__device__ inline void flashmoe_load4(const uint32_t* s, uint32_t* d) {
+  const uint4 v = *reinterpret_cast<const uint4*>(s);
+  d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+}
+__device__ inline void flashmoe_load2(const uint32_t* s, uint32_t* d) {
+  const uint2 v = *reinterpret_cast<const uint2*>(s);
+  d[0] = v.x; d[1] = v.y;
+}
 __device__ inline float flashmoe_warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;

@@ -13,6 +13,17 @@ using namespace metal;
 #define SHARED(type, name, n) threadgroup type name[n]
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define EXP(v) metal::exp(v)
+#define UNROLL _Pragma("unroll")
+#define FLOAT4(a, b, c, d) float4(a, b, c, d)
+#define SIMD_BARRIER() simdgroup_barrier(mem_flags::mem_threadgroup)
+inline void flashmoe_load4(const device uint32_t* s, thread uint32_t* d) {
+  const uint4 v = *reinterpret_cast<const device uint4*>(s);
+  d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+}
+inline void flashmoe_load2(const device uint32_t* s, thread uint32_t* d) {
+  const uint2 v = *reinterpret_cast<const device uint2*>(s);
+  d[0] = v.x; d[1] = v.y;
+}
 // ---- prologue ----
 const uint32_t LANE = thread_index_in_simdgroup;
 const uint32_t SIMD_IN_TG = simdgroup_index_in_threadgroup;

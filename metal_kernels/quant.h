@@ -2,24 +2,54 @@
 // MLX packs a row as one little-endian bit stream: value i occupies bits [i*BITS, (i+1)*BITS) of the
 // uint32 words. 32 values ("a pack") fill exactly BITS words, and group sizes are multiples of 32, so a
 // pack has one scale and one bias: w_i = scale * q_i + bias.
+//
+// A value becomes a float in three instructions and no int->float conversion (which GPUs issue at a
+// fraction of the FMA rate): its bits are masked *in place*, OR-ed under the exponent of 2^23, and 2^23 is
+// subtracted, which is exact. In place means the float is q_i * 2^a_i, with a_i = the field's bit offset,
+// so the other operand of the dot product comes pre-multiplied by 2^-a_i (exact: a power of two).
+// A field above bit 22 is read from the word shifted down by 16 (one shift per word, shared by its fields);
+// a field that straddles two words (3/5/6/7 bits) is shifted into bit 0.
 
-// q (< 2^23) as a float without an int->float conversion, which GPUs issue at a fraction of the FMA rate:
-// the bits 0x4B000000 | q are the float 2^23 + q, and the subtraction is exact.
-DEVICE_FN float flashmoe_q_to_float(uint32_t q) { return AS_FLOAT(0x4B000000u | q) - 8388608.0f; }
-
-// sum_i w_i * xs[i] over one pack = scale * sum_i q_i xs[i] + bias * sum_i xs[i] (xsum precomputed).
 template <int BITS>
-DEVICE_FN float flashmoe_pack_dot(const DEVICE uint32_t* w, const THREAD float* xs, float scale, float bias, float xsum) {
-  uint32_t words[BITS];
-  for (int k = 0; k < BITS; ++k) words[k] = w[k];
+DEVICE_FN constexpr int flashmoe_value_shift(int i) {
+  return (i * BITS) % 32 + BITS > 32 ? 0 : (i * BITS) % 32 + BITS <= 23 ? (i * BITS) % 32 : (i * BITS) % 32 - 16;
+}
+
+// 2^-a_i: what value i's partner in a dot product is multiplied by.
+template <int BITS>
+DEVICE_FN float flashmoe_prescale(int i) { return AS_FLOAT(uint32_t(127 - flashmoe_value_shift<BITS>(i)) << 23); }
+
+// Value i of a pack as q_i * 2^a_i.
+template <int BITS>
+DEVICE_FN float flashmoe_value(const THREAD uint32_t* words, int i) {
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const int bit = i * BITS, word = bit / 32, shift = bit % 32;
+  uint32_t m;
+  if (shift + BITS > 32) m = ((words[word] >> shift) | (words[word + 1] << (32 - shift))) & MASK;
+  else if (shift + BITS <= 23) m = words[word] & (MASK << shift);
+  else m = (words[word] >> 16) & (MASK << (shift - 16));
+  return AS_FLOAT(0x4B000000u | m) - 8388608.0f;
+}
+
+// sum_i q_i * x_i over one pack, with xs[i] = x_i * flashmoe_prescale<BITS>(i).
+template <int BITS>
+DEVICE_FN float flashmoe_pack_dot(const THREAD uint32_t* words, const THREAD float* xs) {
   float acc = 0.0f;
-  for (int i = 0; i < 32; ++i) {
-    const int bit = i * BITS, word = bit / 32, shift = bit % 32;
-    uint32_t v = words[word] >> shift;
-    if (shift + BITS > 32) v |= words[word + 1] << (32 - shift);
-    acc += flashmoe_q_to_float(v & ((1u << BITS) - 1u)) * xs[i];
-  }
-  return scale * acc + bias * xsum;
+  UNROLL for (int i = 0; i < 32; ++i) acc += flashmoe_value<BITS>(words, i) * xs[i];
+  return acc;
+}
+
+// N words into registers, in 16- or 8-byte loads where the words are that aligned (ALIGN: 4, 2 or 1 words).
+template <int N, int ALIGN>
+DEVICE_FN void flashmoe_load_words(const DEVICE uint32_t* src, THREAD uint32_t* dst) {
+  if (ALIGN == 4) { UNROLL for (int i = 0; i < N; i += 4) flashmoe_load4(src + i, dst + i); }
+  else if (ALIGN == 2) { UNROLL for (int i = 0; i < N; i += 2) flashmoe_load2(src + i, dst + i); }
+  else { UNROLL for (int i = 0; i < N; ++i) dst[i] = src[i]; }
+}
+
+// The widest ALIGN for packs of BITS words at offsets that are multiples of BITS in rows of ROW_WORDS.
+DEVICE_FN constexpr int flashmoe_pack_align(int bits, int row_words) {
+  return bits % 4 == 0 && row_words % 4 == 0 ? 4 : bits % 2 == 0 && row_words % 2 == 0 ? 2 : 1;
 }
 
 DEVICE_FN float flashmoe_silu(float v) { return v / (1.0f + EXP(-v)); }

@@ -28,6 +28,8 @@ CASES = [  # hidden, inter, slots, tokens, k, up bits, down bits, group size
     (128, 128, 3, 3, 1, 8, 8, 128),
     (192, 64, 9, 1, 8, 4, 2, 64),
     (64, 32, 2, 4, 2, 3, 3, 32),
+    (1056, 96, 4, 2, 3, 4, 3, 32),  # 33 packs per row: lane 0 takes two
+    (64, 1088, 2, 1, 2, 3, 8, 64),  # the same in the down projection
 ]
 
 
@@ -45,6 +47,19 @@ def test_expert_swiglu_metal_body_matches_reference(hidden, inter, slots, tokens
         assert mx.abs(got - want).max().item() <= 1e-4 * max(1.0, mx.abs(want).max().item())
     # The reference itself is mlx-lm's SwitchGLU arithmetic.
     assert mx.abs(expert_swiglu_reference(x, pool, slot_ids) - pool(x, slot_ids)).max().item() <= 1e-5
+
+
+def test_pools_the_kernel_does_not_take_run_the_reference():
+    from flashmoe_mlx.kernels import MAX_HIDDEN, supports_expert_swiglu
+
+    pool = quantized_pool(MAX_HIDDEN + 64, 64, 2, 4, 4, 64, seed=3)  # activations beyond threadgroup memory
+    assert not supports_expert_swiglu(pool) and supports_expert_swiglu(quantized_pool(MAX_HIDDEN, 64, 2, 4, 4, 64, 3))
+    x, ids = mx.ones((1, MAX_HIDDEN + 64)), mx.zeros((1, 2), mx.uint32)
+
+    def refuse(launch):
+        raise AssertionError("the kernel ran on a pool it does not take")
+
+    assert mx.array_equal(expert_swiglu(x, pool, ids, runner=refuse), expert_swiglu_reference(x, pool, ids)).item()
 
 
 def test_reference_is_the_cpu_path():
@@ -86,6 +101,9 @@ def test_decode_path_runs_the_kernel_end_to_end(mlx_checkpoint):
     (2, 2, 2, 300, 128, 8, 32),    # two splits, one partly empty chunk
     (1, 8, 2, 1100, 64, 4, 32),    # eight splits
     (1, 2, 1, 7, 256, 8, 64),      # fewer keys than lanes, head dim 256
+    (1, 16, 2, 600, 128, 4, 64),   # GQA 8:1: two heads per merge round
+    (1, 10, 2, 530, 64, 8, 32),    # GQA 5:1: a last merge round of one head
+    (1, 4, 2, 70, 256, 4, 128),    # a lane's value dims fill one word
 ])
 def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads, keys, dim, bits, group_size):
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
@@ -104,6 +122,23 @@ def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads,
     # The reference agrees with mlx-lm's own quantized attention (the CPU path the kernel replaces).
     mlx_lm_out = quantized_scaled_dot_product_attention(q, k, v, scale=scale, mask=None, group_size=group_size, bits=bits)
     assert mx.abs(mlx_lm_out - want).max().item() <= 1e-4
+
+
+def test_attention_decode_shapes_the_kernel_does_not_take_run_the_reference():
+    from flashmoe_mlx.kernels import attention_decode, attention_decode_reference, supports_attention_decode
+
+    assert supports_attention_decode(32, 4, 128, 4, 64) and supports_attention_decode(32, 2, 256, 8, 64)
+    assert not supports_attention_decode(32, 4, 128, 3, 64)  # a lane's 12 bits straddle words
+    assert not supports_attention_decode(8, 2, 96, 4, 32)    # 3 dims per lane straddle groups of 32
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.standard_normal((1, 8, 1, 96)).astype(np.float32))
+    k, v = (mx.quantize(mx.array(rng.standard_normal((1, 2, 50, 96)).astype(np.float32)), 32, 4) for _ in range(2))
+
+    def refuse(launch):
+        raise AssertionError("the kernel ran on a shape it does not take")
+
+    assert mx.array_equal(attention_decode(q, k, v, 0.1, 32, 4, runner=refuse),
+                          attention_decode_reference(q, k, v, 0.1, 32, 4)).item()
 
 
 def test_quantized_kv_decode_runs_the_kernel_end_to_end(mlx_checkpoint):
