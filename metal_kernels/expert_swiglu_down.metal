@@ -3,7 +3,8 @@
 // expert's rows are written apart: y[t, j, r]. A threadgroup is K SIMD-groups, one per expert, over the same
 // ROWS rows (so the whole card is busy even for one token); with COMBINE they meet in threadgroup memory.
 // As in pass 1: lanes take whole packs, all ROWS weight chunks are loaded before the arithmetic, and the
-// lane's 32 values of h are pre-scaled once for all ROWS rows. Float accumulation.
+// lane's 32 values of h are pre-scaled once for all ROWS rows (no pipeline across packs: at I <= 1024 a
+// lane has one). Float accumulation.
 // Inputs: h [NT, K, I] float, pack-transposed by pass 1 (value i of pack p at i * I/32 + p: the lanes' loads
 // are coalesced); down_w [S, H, I*BITS_DOWN/32] uint32; down_s/down_b [S, H, I/GS_DOWN] (T);
 // slots [NT, K] uint32; weights [NT, K] (T). Output: y [NT, H] or [NT, K, H] (T).
@@ -18,18 +19,14 @@ const uint32_t t = TG / BLOCKS;
 const uint32_t r0 = (TG % BLOCKS) * ROWS;
 const uint32_t j = SIMD_IN_TG;
 const uint32_t slot = slots[t * K + j];
+uint32_t rows[ROWS];  // rows past H: as in pass 1
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) rows[r] = slot * H + (r0 + r < H ? r0 + r : H - 1);
 float acc[ROWS];
 UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] = 0.0f;
 for (uint32_t p = LANE; p < PACKS; p += 32) {
-  const uint32_t group = p * 32 / GS_DOWN;
-  uint32_t dw[ROWS][BITS_DOWN];
+  uint32_t dw[ROWS * BITS_DOWN];
   float ds[ROWS], db[ROWS];
-  UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
-    const uint32_t row = slot * H + (r0 + r < H ? r0 + r : H - 1);  // rows past H: as in pass 1
-    flashmoe_load_words<BITS_DOWN, ALIGN>(down_w + row * ROW_WORDS + p * BITS_DOWN, dw[r]);
-    ds[r] = float(down_s[row * ROW_GROUPS + group]);
-    db[r] = float(down_b[row * ROW_GROUPS + group]);
-  }
+  flashmoe_load_pack<BITS_DOWN, ROWS, ALIGN>(down_w, down_s, down_b, rows, ROW_WORDS, ROW_GROUPS, p, p * 32 / GS_DOWN, dw, ds, db);
   float hs[32];
   float hsum = 0.0f;
   UNROLL for (int i = 0; i < 32; ++i) {
@@ -37,7 +34,7 @@ for (uint32_t p = LANE; p < PACKS; p += 32) {
     hsum += v;
     hs[i] = v * flashmoe_prescale<BITS_DOWN>(i);
   }
-  UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] += ds[r] * flashmoe_pack_dot<BITS_DOWN>(dw[r], hs) + db[r] * hsum;
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] += ds[r] * flashmoe_pack_dot<BITS_DOWN>(dw + r * BITS_DOWN, hs) + db[r] * hsum;
 }
 const float weight = COMBINE ? float(weights[t * K + j]) : 1.0f;
 UNROLL for (uint32_t r = 0; r < ROWS; ++r) {

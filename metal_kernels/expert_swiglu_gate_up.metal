@@ -3,7 +3,9 @@
 // x_t in threadgroup memory once (as floats, pre-scaled, padded to 33 per pack so the 32 lanes reading 32
 // different packs hit 32 different banks), then each SIMD-group computes ROWS rows of one expert. Lanes take
 // whole 32-value packs (p = LANE + 32 n): a row is read in coalesced 16-byte loads, and per pack all 2 * ROWS
-// weight chunks are loaded before any arithmetic so their latencies overlap. Float accumulation.
+// weight chunks are loaded before any arithmetic so their latencies overlap. (Also loading the next pack
+// during this one's arithmetic was measured slower on an H200: the registers it takes halve occupancy.)
+// Float accumulation.
 // h is written pack-transposed, h[t, j, i * I/32 + p] for row 32 p + i, so that pass 2's lanes, one pack
 // each, read it coalesced.
 // Inputs: x [NT, H] (T); gate_w/up_w [S, I, H*BITS_UP/32] uint32; gate_s/gate_b/up_s/up_b [S, I, H/GS_UP] (T);
@@ -36,28 +38,21 @@ if (work >= K * BLOCKS) return;  // after the barriers: a whole SIMD-group leave
 const uint32_t j = work / BLOCKS;
 const uint32_t r0 = (work % BLOCKS) * ROWS;
 const uint32_t slot = slots[t * K + j];
+uint32_t rows[ROWS];  // rows past I (the last block) recompute row I - 1: no branches; never written
+UNROLL for (uint32_t r = 0; r < ROWS; ++r) rows[r] = slot * I + (r0 + r < I ? r0 + r : I - 1);
 float g[ROWS], u[ROWS];
 UNROLL for (uint32_t r = 0; r < ROWS; ++r) { g[r] = 0.0f; u[r] = 0.0f; }
 for (uint32_t p = LANE; p < PACKS; p += 32) {
-  const uint32_t group = p * 32 / GS_UP;
-  uint32_t gw[ROWS][BITS_UP], uw[ROWS][BITS_UP];
+  uint32_t gw[ROWS * BITS_UP], uw[ROWS * BITS_UP];
   float gs[ROWS], gb[ROWS], us[ROWS], ub[ROWS];
-  UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
-    // Rows past I (the last block) recompute row I - 1: no branch around the loads; never written.
-    const uint32_t row = slot * I + (r0 + r < I ? r0 + r : I - 1);
-    flashmoe_load_words<BITS_UP, ALIGN>(gate_w + row * ROW_WORDS + p * BITS_UP, gw[r]);
-    flashmoe_load_words<BITS_UP, ALIGN>(up_w + row * ROW_WORDS + p * BITS_UP, uw[r]);
-    gs[r] = float(gate_s[row * ROW_GROUPS + group]);
-    gb[r] = float(gate_b[row * ROW_GROUPS + group]);
-    us[r] = float(up_s[row * ROW_GROUPS + group]);
-    ub[r] = float(up_b[row * ROW_GROUPS + group]);
-  }
+  flashmoe_load_pack<BITS_UP, ROWS, ALIGN>(gate_w, gate_s, gate_b, rows, ROW_WORDS, ROW_GROUPS, p, p * 32 / GS_UP, gw, gs, gb);
+  flashmoe_load_pack<BITS_UP, ROWS, ALIGN>(up_w, up_s, up_b, rows, ROW_WORDS, ROW_GROUPS, p, p * 32 / GS_UP, uw, us, ub);
   float xs[32];
   UNROLL for (int i = 0; i < 32; ++i) xs[i] = xs_all[p * 33 + i];
   const float xsum = xsums[p];
   UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
-    g[r] += gs[r] * flashmoe_pack_dot<BITS_UP>(gw[r], xs) + gb[r] * xsum;
-    u[r] += us[r] * flashmoe_pack_dot<BITS_UP>(uw[r], xs) + ub[r] * xsum;
+    g[r] += gs[r] * flashmoe_pack_dot<BITS_UP>(gw + r * BITS_UP, xs) + gb[r] * xsum;
+    u[r] += us[r] * flashmoe_pack_dot<BITS_UP>(uw + r * BITS_UP, xs) + ub[r] * xsum;
   }
 }
 UNROLL for (uint32_t r = 0; r < ROWS; ++r) {

@@ -47,6 +47,18 @@ DEVICE_FN void flashmoe_load_words(const DEVICE uint32_t* src, THREAD uint32_t* 
   else { UNROLL for (int i = 0; i < N; ++i) dst[i] = src[i]; }
 }
 
+// Pack p of ROWS rows: its words (words[r * BITS + k]) and the scale and bias of its group, as floats.
+template <int BITS, int ROWS, int ALIGN, typename TS>
+DEVICE_FN void flashmoe_load_pack(const DEVICE uint32_t* w, const DEVICE TS* s, const DEVICE TS* b,
+                                  const THREAD uint32_t* rows, uint32_t row_words, uint32_t row_groups, uint32_t p,
+                                  uint32_t group, THREAD uint32_t* words, THREAD float* scales, THREAD float* biases) {
+  UNROLL for (int r = 0; r < ROWS; ++r) {
+    flashmoe_load_words<BITS, ALIGN>(w + rows[r] * row_words + p * BITS, words + r * BITS);
+    scales[r] = float(s[rows[r] * row_groups + group]);
+    biases[r] = float(b[rows[r] * row_groups + group]);
+  }
+}
+
 // The widest ALIGN for packs of BITS words at offsets that are multiples of BITS in rows of ROW_WORDS.
 DEVICE_FN constexpr int flashmoe_pack_align(int bits, int row_words) {
   return bits % 4 == 0 && row_words % 4 == 0 ? 4 : bits % 2 == 0 && row_words % 2 == 0 ? 2 : 1;
