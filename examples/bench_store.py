@@ -14,34 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from flashmoe_mlx.bench.disk import RawPread, drop_caches, workload
 from flashmoe_mlx.layout import flashmoe_layouts
 from flashmoe_mlx.store import ExpertStore
 from flashmoe_mlx.synthetic import MoEShape, write_hf_checkpoint
-
-
-def drop_caches():
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def workload(layouts, batch: int, seed: int = 0):
-    """[(layer, expert ids)]: every record once, in random batches of `batch` per layer, layers interleaved."""
-    rng = np.random.default_rng(seed)
-    per_layer = {l.layer: rng.permutation(l.num_experts).reshape(-1, batch) for l in layouts}
-    rounds = max(len(v) for v in per_layer.values())
-    return [(layer, ids[r]) for r in range(rounds) for layer, ids in per_layer.items() if r < len(ids)]
 
 
 class Store:
@@ -58,29 +44,6 @@ class Store:
 
     def close(self):
         self.store.close()
-
-
-class RawPread:
-    """(b): the I/O bound: the same records, `os.preadv` into page-aligned buffers, same thread count."""
-
-    def __init__(self, layouts, threads, batch):
-        self.layouts = {l.layer: l for l in layouts}
-        self.fds = {l.layer: os.open(l.segments[0].file, os.O_RDONLY) for l in layouts}
-        for fd in self.fds.values():
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        size = max(l.segments[0].length for l in layouts)
-        self.buffers = [np.frombuffer(mmap.mmap(-1, size), np.uint8) for _ in range(batch)]
-        self.pool = ThreadPoolExecutor(threads)
-
-    def __call__(self, layer, ids) -> int:
-        seg = self.layouts[layer].segments[0]
-        jobs = [(self.fds[layer], self.buffers[i][: seg.length], int(seg.offsets[e])) for i, e in enumerate(ids)]
-        return sum(self.pool.map(lambda j: os.preadv(j[0], [j[1]], j[2]), jobs))
-
-    def close(self):
-        self.pool.shutdown()
-        for fd in self.fds.values():
-            os.close(fd)
 
 
 def interleaved_pass(layouts, work, threads, batch, store_first: bool) -> dict:

@@ -112,11 +112,17 @@ class ExpertStore:
     # ---------------------------------------------------------------- stats
 
     def reset_stats(self):
-        self._stats = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "read_seconds": 0.0, "reads": 0}
+        # Seconds: `sync` waiting for router ids (the graph up to each router), `fetch` in fetch() (slot
+        # bookkeeping and reads), `read` of those in the reads themselves.
+        self._stats = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "read_seconds": 0.0, "reads": 0,
+                       "sync_seconds": 0.0, "fetch_seconds": 0.0}
 
     def counters(self) -> dict:
-        """The running counters alone (hits, misses, evictions, bytes_read, read_seconds, reads)."""
+        """The running counters alone (hits, misses, evictions, bytes_read, reads and the seconds)."""
         return dict(self._stats)
+
+    def note_sync(self, seconds: float):
+        self._stats["sync_seconds"] += seconds
 
     def stats(self) -> dict:
         pool_bytes = sum(a.nbytes for p in self.pools.values() for a in p.tensors.values())
@@ -136,6 +142,7 @@ class ExpertStore:
 
     def fetch(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make the given distinct experts resident (at most `capacity(layer)`); return their slots."""
+        t0 = time.perf_counter()
         pool = self.pools[layer]
         slots, missing, victims, evicted = pool.slots.assign(experts)
         self._stats["hits"] += len(experts) - len(missing)
@@ -147,6 +154,7 @@ class ExpertStore:
             except BaseException:
                 pool.slots.forget(missing, victims)  # a failed checksum, Ctrl-C mid-read
                 raise
+        self._stats["fetch_seconds"] += time.perf_counter() - t0
         return slots
 
     # ---------------------------------------------------------------- reads

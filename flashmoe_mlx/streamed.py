@@ -10,6 +10,8 @@ all of their tokens, and the wave is evaluated before its slots are reused.
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -56,7 +58,9 @@ class StreamedSwitchGLU(SwitchGLU):
         self.fused = kernels.supports_expert_swiglu(self)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        ids = np.array(indices)  # the layer's one host sync
+        t0 = time.perf_counter()
+        ids = np.array(indices)  # the layer's one host sync: waits for everything the router depends on
+        self.store.note_sync(time.perf_counter() - t0)
         experts, position = np.unique(ids, return_inverse=True)
         capacity = self.store.capacity(self.layer)
         if len(experts) <= capacity:
