@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -89,3 +90,27 @@ def copy_gbps(nbytes: int = 1 << 30, repeats: int = 3) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9
+
+
+def device_copy_gbps(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """The GPU's memory bandwidth as MLX sees it (read + write of a large array), for the compute bound."""
+    a = mx.zeros((nbytes // 4,), mx.uint32)
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(a + 1)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def upload_gbps(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Host memory -> GPU: GB/s of turning a numpy buffer (as the store's staged reads hold records) into an
+    MLX array that a GPU op has read."""
+    host = np.ones(nbytes, np.uint8)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(mx.array(host).sum())
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9

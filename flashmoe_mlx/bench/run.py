@@ -5,6 +5,7 @@ cgroup v1 memory limit when asked; page cache dropped first when the row is cold
 figures measured in the same run, and the bounds per row:
   I/O bound     = 1 / (decode bytes from disk / disk GB/s + other missed expert bytes / page-cache GB/s) tok/s
   compute bound = memory copy GB/s / active bytes per token (dense weights + top-k experts of every layer) tok/s
+On a GPU, memory copy is the device's, and requested expert bytes also cross host->device at the measured rate.
 Disk and page-cache GB/s are raw parallel preads of the model's own expert records (4 threads).
 """
 
@@ -20,10 +21,20 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
+
 from ..layout import flashmoe_layouts
 from ..loader import human_bytes, parse_size
 from .cgroup import MemoryLimit
-from .disk import DROP_CACHES, CacheError, copy_gbps, drop_caches, pread_gbps
+from .disk import (
+    DROP_CACHES,
+    CacheError,
+    copy_gbps,
+    device_copy_gbps,
+    drop_caches,
+    pread_gbps,
+    upload_gbps,
+)
 
 PROCESS_OVERHEAD = 0.6e9  # interpreter, mlx and mlx-lm, KV cache and activations of a short run
 LLAMA_WORKER = Path(__file__).with_name("worker_llama.py")
@@ -150,6 +161,8 @@ def figures(row: Row, result: dict, model: Model, machine: dict, prompt: int, de
     io_seconds = from_disk / (machine["disk_gbps"] * 1e9) if from_disk else 0.0
     if requested > from_disk:
         io_seconds += (requested - from_disk) / (machine["cache_gbps"] * 1e9)
+    if machine.get("upload_gbps"):  # a GPU: every requested byte then crosses to the device too
+        io_seconds += requested / (machine["upload_gbps"] * 1e9)
     decode_tps = decode / dec["seconds"]
     io_bound = 1 / io_seconds if io_seconds else None
     compute_bound = machine["memory_gbps"] * 1e9 / model.active_bytes
@@ -269,9 +282,13 @@ def run(args) -> int:
     machine["disk_gbps"] = pread_gbps(model.layouts, max_bytes=args.disk_sample) if needs_drop else None
     pread_gbps(model.layouts, max_bytes=args.disk_sample, cold=False)  # bring the sample into the page cache
     machine["cache_gbps"] = pread_gbps(model.layouts, max_bytes=args.disk_sample, cold=False)
-    machine["memory_gbps"] = copy_gbps()
-    print(f"{machine['machine']}: disk {_fmt(machine['disk_gbps'])} GB/s, page cache {machine['cache_gbps']:.2f} GB/s, "
-          f"memory copy {machine['memory_gbps']:.2f} GB/s; model: {human_bytes(model.expert_bytes)} of experts, "
+    gpu = mx.default_device() == mx.gpu  # the workers compute there too: the bounds are the GPU's
+    machine["device"] = mx.device_info().get("device_name", "gpu") if gpu else "cpu"
+    machine["memory_gbps"] = device_copy_gbps() if gpu else copy_gbps()
+    machine["upload_gbps"] = upload_gbps() if gpu else None
+    print(f"{machine['machine']}, {machine['device']}: disk {_fmt(machine['disk_gbps'])} GB/s, page cache "
+          f"{machine['cache_gbps']:.2f} GB/s, memory copy {machine['memory_gbps']:.2f} GB/s, host->device "
+          f"{_fmt(machine['upload_gbps'])} GB/s; model: {human_bytes(model.expert_bytes)} of experts, "
           f"{human_bytes(model.active_bytes)} active per token", file=sys.stderr)
 
     results = []
