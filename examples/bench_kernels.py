@@ -1,12 +1,17 @@
-"""expert_swiglu on a GPU: correctness against the plain-MLX reference, then speed against MLX's built-in path.
+"""The custom kernels on a GPU: correctness against the plain-MLX references, then speed against MLX's own paths.
 
-    python examples/bench_kernels.py [--json out.json]          # needs MLX with Metal or CUDA
+    python examples/bench_kernels.py [--only experts|attention] [--json out.json]   # needs MLX with Metal or CUDA
+    python examples/bench_kernels.py --profile      # each path briefly, under a profiler (ncu) for kernel times
 
-Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and token counts,
-kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024 -> 4096,
-k = 10) for one decode token: (a) MLX's built-in path, mlx-lm's SwitchGLU (gather_qmm x3 + SwiGLU) plus the
-weighted sum; (b) the fused kernel. Both over the same pools, timed in one run. The bound is the card's copy
-bandwidth measured here; GB/s counts the active expert bytes (weights, scales, biases of the k experts).
+expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
+token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
+-> 4096, k = 10) for one decode token: (a) MLX's built-in path, mlx-lm's SwitchGLU (gather_qmm x3 + SwiGLU) plus
+the weighted sum; (b) the fused kernel; each also under mx.compile. Both over the same pools, timed in one run,
+plus a sweep of rows per SIMD-group. GB/s counts the active expert bytes (weights, scales, biases of the k
+experts); the bound is the card's copy bandwidth measured here.
+
+attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
+mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split count).
 """
 
 from __future__ import annotations

@@ -101,8 +101,10 @@ def test_bench_trace_and_policy_sim_cli(mlx_checkpoint, tmp_path):
     made = run_cli("flashmoe_mlx.bench", "trace", "--model", mlx_checkpoint("qwen3_moe"), "--text", text,
                    "--out", trace, "--max-tokens", 256)
     assert made.returncode == 0, made.stderr
-    sim = run_cli("flashmoe_mlx.bench", "policy-sim", "--trace", trace, "--slots", "2,4,6")
+    sim = run_cli("flashmoe_mlx.bench", "policy-sim", "--trace", trace, "--slots", "2,4,6",
+                  "--plot", tmp_path / "miss.png")
     assert sim.returncode == 0, sim.stderr
     assert "belady miss rate" in sim.stdout and "| 4 of 8 |" in sim.stdout
+    assert (tmp_path / "miss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run_cli("flashmoe_mlx.bench", "policy-sim", "--trace", tmp_path / "missing.npz")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -71,7 +71,27 @@ def policy_sim(args) -> int:
         print(f"| {r['slots']} of {num_experts} | " + " | ".join(f"{100 * v:.1f}%" for p, v in r.items() if p != "slots") + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot:
+        plot_miss_rates(rows, num_experts, args.plot, title=args.trace.name)
     return 0
+
+
+def plot_miss_rates(rows: list[dict], num_experts: int, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for policy in (p for p in rows[0] if p != "slots"):
+        ax.plot([r["slots"] for r in rows], [100 * r[policy] for r in rows], marker="o", label=policy)
+    ax.set_xlabel(f"slots per layer (of {num_experts} experts)")
+    ax.set_ylabel("miss rate (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -87,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--trace", type=Path, required=True)
     p.add_argument("--slots", default=None, help="comma-separated pool sizes (default: 1/8 .. 3/4 of the experts)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of miss rate vs slots per policy")
     m = sub.add_parser("make-synthetic", help="write a random-weight model with a real model's shapes for every engine",
                        description="Random weights with the expert, router and attention shapes of a real model, "
                        "fewer layers, all in qwen3_moe layout (GQA attention with q/k norms, no shared experts) "
