@@ -49,6 +49,16 @@ def record_routing(model: nn.Module) -> dict[int, list]:
     return sinks
 
 
+def save_routing(path, routes: dict[int, list], num_experts: int) -> dict[str, np.ndarray]:
+    """Write what record_routing collected as a trace (.npz: num_experts, and per layer the [tokens, k]
+    expert ids in order, for `bench policy-sim`); returns the per-layer arrays."""
+    layers = {str(layer): np.concatenate(ids) for layer, ids in routes.items() if ids}
+    if not layers:
+        raise ValueError("no routing was recorded (nothing ran through the model)")
+    np.savez_compressed(path, num_experts=num_experts, **layers)
+    return layers
+
+
 def load_reference(path: str):
     """A resident model: a flashmoe checkpoint through `load` (every expert resident), else stock mlx-lm
     (which also reads an unquantized Hugging Face directory). Float32 on the CPU backend."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_PROMPT, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .eval import record_routing, save_routing
 from .generation import generate, stats_line, stream_generate
 
 
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the KV cache to 4 or 8 bits (group 64); decode attention then runs the "
                    "attention_decode kernel on Metal/CUDA")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (/reset, /stats, /quit)")
+    p.add_argument("--record-trace", type=Path, default=None, metavar="PATH",
+                   help="write the routing trace (layer, token, expert ids) of the run to PATH (.npz), for "
+                        "`python -m flashmoe_mlx.bench policy-sim`")
     return p
 
 
@@ -164,6 +169,14 @@ def _chat(model, tokenizer, args, options: dict, context: int | None):
             print(stats_line(last), flush=True)
 
 
+def _save_trace(path: Path | None, model, routes):
+    if path is not None:
+        num_experts = max(pool.layout.num_experts for pool in model.expert_store.pools.values())
+        layers = save_routing(path, routes, num_experts)
+        print(f"routing trace: {path} ({len(layers)} layers x {next(iter(layers.values())).shape[0]} tokens)",
+              file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -190,8 +203,10 @@ def main(argv=None) -> int:
         if args.kv_bits:
             options.update(kv_bits=args.kv_bits, kv_group_size=64, quantized_kv_start=0)
         context = _context_length(config)
+        routes = record_routing(model) if args.record_trace else None
         if args.chat:
             _chat(model, tokenizer, args, options, context)
+            _save_trace(args.record_trace, model, routes)
             return 0
         text = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n").replace("\\t", "\t")
         tokens = _prompt_tokens(tokenizer, args, text)
@@ -200,6 +215,7 @@ def main(argv=None) -> int:
         result = generate(model, tokenizer, tokens, verbose=args.verbose, **options)
         if not args.verbose:
             print(result)
+        _save_trace(args.record_trace, model, routes)
         return 0
     except (UsageError, LoadError, FormatError, UnsupportedModel, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

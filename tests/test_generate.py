@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from conftest import run_cli
 from mlx_lm import generate as mlx_generate
@@ -60,6 +61,26 @@ def test_cli_stats_line(checkpoint):
     assert result.returncode == 0, result.stderr
     assert re.search(r"prompt: \d+ tokens, [\d.]+ tok/s \| generation: 8 tokens, [\d.]+ tok/s \| peak memory: "
                      r"[\d.]+ GB \| experts: [\d.]+% hits, [\d.]+ GB read at [\d.]+ GB/s", result.stdout)
+
+
+def test_cli_records_the_routing_trace_of_a_generation(checkpoint, reference, tmp_path):
+    """--record-trace: every token the run fed through the model (the prompt, then the generated tokens:
+    mlx-lm's generator computes one step ahead, so the last one too), each with its top-k ids, in order; the
+    trace feeds policy-sim."""
+    trace = tmp_path / "trace.npz"
+    result = cli(checkpoint, "--prompt", "hello there", "--max-tokens", 6, "--temp", 0, "--ignore-chat-template",
+                 "--verbose", "false", "--record-trace", trace)
+    assert result.returncode == 0, result.stderr
+    data = np.load(trace)
+    layers = [k for k in data.files if k != "num_experts"]
+    assert len(layers) == 2 and int(data["num_experts"]) == 8
+    prompt = len(reference[1].encode("hello there"))
+    for layer in layers:
+        ids = data[layer]
+        assert prompt < ids.shape[0] <= prompt + 6 and ids.shape[1] == 2 and ids.max() < 8
+        assert ids.shape[0] == data[layers[0]].shape[0]
+    sim = run_cli("flashmoe_mlx.bench", "policy-sim", "--trace", trace, "--slots", "2,4")
+    assert sim.returncode == 0 and "| 2 of 8 |" in sim.stdout, sim.stderr
 
 
 def test_seeded_sampling_is_reproducible(checkpoint):

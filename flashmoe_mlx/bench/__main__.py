@@ -18,7 +18,7 @@ from .popularity import popularity
 
 
 def trace(args) -> int:
-    from ..eval import default_text, record_routing, token_windows
+    from ..eval import default_text, record_routing, save_routing, token_windows
     from ..loader import load
 
     model, tokenizer = load(args.model, memory_budget=args.memory_budget)
@@ -28,9 +28,8 @@ def trace(args) -> int:
     text = (args.text or default_text()).read_text()
     for window in token_windows(tokenizer, text, 512, args.max_tokens):
         mx.eval(model(mx.array(window[None, :-1])))
-    layers = {str(layer): np.concatenate(ids) for layer, ids in routes.items()}
     num_experts = max(p.layout.num_experts for p in model.expert_store.pools.values())
-    np.savez_compressed(args.out, num_experts=num_experts, **layers)
+    layers = save_routing(args.out, routes, num_experts)
     pop = popularity(layers, num_experts)
     print(f"{args.out}: {len(layers)} layers x {next(iter(layers.values())).shape[0]} tokens; the top "
           f"{100 * pop['top_fraction']:.0f}% of experts take {100 * pop['top_share']:.1f}% of routings, "
