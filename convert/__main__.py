@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-bits", type=int, choices=ROUTER_BITS, default=8,
                    help="bits for routers and shared-expert gates; 16 keeps them unquantized (default 8)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default 64)")
+    p.add_argument("--search", action="store_true",
+                   help="experts: search each group's scale and bias for the least squared error (about 20%% lower "
+                        "error than round-to-nearest; ~1 s per 4096x1024 matrix on a CPU; not bit-identical to "
+                        "mlx_lm.convert)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype of unquantized tensors and scales (default: the config's torch_dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace DST (or an interrupted DST.partial)")
@@ -70,13 +74,14 @@ def main(argv=None) -> int:
         if args.mlx_path:
             given = [f for f, v in (("--recipe", args.recipe), ("--expert-bits", args.expert_bits),
                                     ("--dtype", args.dtype)) if v is not None]
+            given += ["--search"] if args.search else []
             given += [f for f, v, d in (("--bits", args.bits, 4), ("--router-bits", args.router_bits, 8),
                                         ("--group-size", args.group_size, 64)) if v != d]
             if given:
                 parser.error(f"{given[0]} does not apply to --mlx-path: a repack copies the stored precision")
         if args.hf_path:
             precision = Precision.from_flags(bits=args.bits, router_bits=args.router_bits, group_size=args.group_size,
-                                             expert_bits=args.expert_bits, recipe=args.recipe)
+                                             expert_bits=args.expert_bits, recipe=args.recipe, search=args.search)
         out = convert(args.out, hf_path=args.hf_path, mlx_path=args.mlx_path, precision=precision, dtype=args.dtype,
                       overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
         print(f"wrote {out}")

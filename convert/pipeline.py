@@ -9,6 +9,7 @@ are lazy, so peak memory is one unit plus buffers. Quantization goes through mlx
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,6 +34,7 @@ from flashmoe_mlx.format import (
     plan_layer,
 )
 
+from .affine_search import quantize_searched
 from .quantization import Precision, config_block, quantization_plan
 from .sources import Source, open_source
 from .staging import Staging, disk_error
@@ -194,14 +196,16 @@ class Converter:
         return projection_quant(self.config["quantization"], path, block.shapes[proj][2], weight.shape, scales.shape,
                                 str(scales.dtype).split(".")[-1])
 
-    @staticmethod
-    def _quantize_experts(w: mx.array, spec: dict) -> list[tuple[np.ndarray, str]]:
+    def _quantize_experts(self, w: mx.array, spec: dict) -> list[tuple[np.ndarray, str]]:
         """Quantize [E, out, in] in chunks of experts; rows are independent, so this equals one call."""
         mx.eval(w)
         per_expert = max(1, w[0].nbytes)
         step = max(1, CHUNK_BYTES // per_expert)
-        parts = [mx.quantize(w[e : e + step], spec["group_size"], spec["bits"], mode=spec["mode"])
-                 for e in range(0, w.shape[0], step)]
+        if self.precision.expert_search and spec["mode"] == "affine":
+            quantize = partial(quantize_searched, group_size=spec["group_size"], bits=spec["bits"])
+        else:
+            quantize = partial(mx.quantize, group_size=spec["group_size"], bits=spec["bits"], mode=spec["mode"])
+        parts = [quantize(w[e : e + step]) for e in range(0, w.shape[0], step)]
         out = []
         for i in range(len(parts[0])):
             pieces = []
@@ -290,6 +294,7 @@ class Converter:
                 "expert_bits": dict(self.precision.expert_bits),
                 "router_bits": self.precision.router_bits,
                 "group_size": self.precision.group_size,
+                "expert_search": self.precision.expert_search,
             }
         return config
 

@@ -32,9 +32,11 @@ class Precision:
     router_bits: int = 8
     group_size: int = 64
     expert_bits: tuple[tuple[str, int], ...] = (("down_proj", 4), ("gate_proj", 4), ("up_proj", 4))
+    expert_search: bool = False  # experts: searched scales and biases (affine_search.py), else round-to-nearest
 
     @classmethod
-    def from_flags(cls, *, bits=4, router_bits=8, group_size=64, expert_bits=None, recipe=None) -> "Precision":
+    def from_flags(cls, *, bits=4, router_bits=8, group_size=64, expert_bits=None, recipe=None,
+                   search=False) -> "Precision":
         if expert_bits is not None and recipe is not None:
             raise QuantizationError("give either --expert-bits or --recipe, not both")
         for value, allowed, flag in (
@@ -55,7 +57,7 @@ class Precision:
             # Nbit: gate/up at N bits, down_proj (the most sensitive expert matrix) at least 4.
             low = int(recipe[0])
             per_proj = {"gate_proj": low, "up_proj": low, "down_proj": max(low, 4)}
-        return cls(bits, router_bits, group_size, tuple(sorted(per_proj.items())))
+        return cls(bits, router_bits, group_size, tuple(sorted(per_proj.items())), bool(search))
 
     def default(self) -> dict:
         return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}

@@ -15,6 +15,7 @@ from mlx_lm.convert import convert as mlx_convert
 from mlx_lm.utils import load_model
 
 from flashmoe_mlx.convert import Precision, convert
+from flashmoe_mlx.convert.affine_search import pack_codes, quantize_searched
 from flashmoe_mlx.format import read_manifest, read_stacked_experts, verify_checkpoint
 
 
@@ -80,6 +81,56 @@ def test_mixed_precision_recipe_recorded_and_loaded(hf_checkpoint, tmp_path):
     assert model.model.layers[0].mlp.switch_mlp.gate_proj.bits == 3
     assert model.model.layers[0].mlp.switch_mlp.down_proj.bits == 4
     assert np.isfinite(np.array(logits(model))).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_packed_codes_are_mlx_layout(bits):
+    """MLX's own dequantize (scale 1, bias 0) reads back the codes we pack."""
+    codes = np.random.default_rng(bits).integers(0, 2**bits, (6, 128))
+    ones, zeros = mx.ones((6, 2)), mx.zeros((6, 2))
+    assert np.array_equal(np.array(mx.dequantize(mx.array(pack_codes(codes, bits)), ones, zeros, 64, bits)), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_searched_quantization_beats_round_to_nearest(bits, dtype):
+    """Same format as mx.quantize, read by mx.dequantize, and a smaller squared error than its rounding."""
+    w = mx.array(np.random.default_rng(bits).standard_normal((64, 256)).astype(np.float32)).astype(dtype)
+    searched, rtn = quantize_searched(w, 64, bits), mx.quantize(w, 64, bits)
+    assert [(a.shape, a.dtype) for a in searched] == [(a.shape, a.dtype) for a in rtn]
+
+    def error(q):
+        return ((mx.dequantize(*q, 64, bits).astype(mx.float32) - w.astype(mx.float32)) ** 2).mean().item()
+
+    assert error(searched) < 0.9 * error(rtn)
+    flat = quantize_searched(mx.ones((2, 64), dtype), 64, bits)  # a constant group is exact
+    assert mx.array_equal(mx.dequantize(*flat, 64, bits), mx.ones((2, 64))).item()
+
+
+def test_convert_search_brings_the_model_closer_to_its_source(hf_checkpoint, tmp_path):
+    """--search: expert weights and logits nearer the float32 source than round-to-nearest at the same bits."""
+    src = hf_checkpoint("qwen3_moe")
+    source, _ = mlx_load(str(src))
+    outs = {search: convert(tmp_path / f"fm-{search}", hf_path=str(src), progress=False,
+                            precision=Precision.from_flags(bits=8, expert_bits=3, search=search))
+            for search in (False, True)}
+    config = json.loads((outs[True] / "config.json").read_text())
+    assert config["flashmoe"]["recipe"]["expert_search"] is True
+
+    def expert_error(path):
+        entry = read_manifest(path).layers[0]
+        stacked = read_stacked_experts(path, entry)
+        w = mx.dequantize(*(stacked[f"{entry.module}.gate_proj.{n}"] for n in ("weight", "scales", "biases")), 64, 3)
+        ref = source.model.layers[0].mlp.switch_mlp.gate_proj.weight
+        return ((w.astype(mx.float32) - ref) ** 2).mean().item()
+
+    def logit_error(path):
+        model = load_resident(path)
+        return sum(((logits(model, seed) - logits(source, seed)) ** 2).mean().item() for seed in range(3))
+
+    assert expert_error(outs[True]) < 0.9 * expert_error(outs[False])
+    assert logit_error(outs[True]) < logit_error(outs[False])
+    verify_checkpoint(outs[True])
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe"])
