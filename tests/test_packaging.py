@@ -21,6 +21,8 @@ def test_wheel_contains_converter_and_metal_kernels(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ROOT.joinpath("convert").glob("*.py"):
         assert f"flashmoe_mlx/convert/{module.name}" in names
+    for module in ROOT.joinpath("flashmoe_mlx").rglob("*.py"):  # every subpackage, e.g. flashmoe_mlx.bench
+        assert module.relative_to(ROOT).as_posix() in names
     assert "flashmoe_mlx/metal_kernels/__init__.py" in names
     for source in [*ROOT.joinpath("metal_kernels").glob("*.metal"), *ROOT.joinpath("metal_kernels").glob("*.cu")]:
         assert f"flashmoe_mlx/metal_kernels/{source.name}" in names
