@@ -17,6 +17,7 @@ mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split cou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -25,6 +26,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from flashmoe_mlx import kernels
+from flashmoe_mlx.bench.disk import device_copy_gbps
 from flashmoe_mlx.kernels import active_runner, expert_swiglu, expert_swiglu_reference
 
 
@@ -55,19 +58,6 @@ def correctness() -> list[dict]:
             rows.append({"dtype": str(dtype), "shape": [hidden, inter, slots, tokens, k], "bits": [ub, db],
                          "group_size": gs, "max_rel_err": err, "ok": err <= (1e-4 if dtype == mx.float32 else 2e-2)})
     return rows
-
-
-def copy_bandwidth() -> float:
-    a = mx.zeros((1 << 30,), mx.uint32)  # 4 GiB
-    mx.eval(a)
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        b = a + 1
-        mx.eval(b)
-        best = max(best, 2 * a.nbytes / (time.perf_counter() - t0) / 1e9)  # read + write
-        del b
-    return best
 
 
 def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50) -> dict:
@@ -128,41 +118,46 @@ def op_overhead(ops=60, iters=50) -> float:
     return (time.perf_counter() - t0) / iters / ops
 
 
+@contextlib.contextmanager
+def tuned(**values):
+    """Kernel launch constants (flashmoe_mlx.kernels' UP_ROWS, ...) set to `values` inside the block."""
+    chosen = {name: getattr(kernels, name) for name in values}
+    for name, value in values.items():
+        setattr(kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in chosen.items():
+            setattr(kernels, name, value)
+
+
 def rows_sweep(combos=((4, 8, 8), (4, 4, 8), (2, 4, 8), (8, 4, 8), (4, 4, 16), (4, 4, 4))) -> list[dict]:
     """The fused path's ms per layer, compiled (so the GPU, not the host, sets the pace), for other
     (UP_ROWS, UP_WARPS, DOWN_ROWS), 4-bit, in one run."""
-    from flashmoe_mlx import kernels
-
-    chosen = kernels.UP_ROWS, kernels.UP_WARPS, kernels.DOWN_ROWS
     out = []
-    for combo in combos:
-        kernels.UP_ROWS, kernels.UP_WARPS, kernels.DOWN_ROWS = combo
-        r = speed(4, 4, layers=10, iters=30)
-        out.append({"rows_warps_rows": list(combo), "fused_ms_per_layer": r["compiled"]["fused_ms"] / 10,
+    for up_rows, up_warps, down_rows in combos:
+        with tuned(UP_ROWS=up_rows, UP_WARPS=up_warps, DOWN_ROWS=down_rows):
+            r = speed(4, 4, layers=10, iters=30)
+        out.append({"rows_warps_rows": [up_rows, up_warps, down_rows],
+                    "fused_ms_per_layer": r["compiled"]["fused_ms"] / 10,
                     "builtin_ms_per_layer": r["compiled"]["builtin_ms"] / 10})
-    kernels.UP_ROWS, kernels.UP_WARPS, kernels.DOWN_ROWS = chosen
     return out
 
 
 def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
     """attention_decode's ms at other minimum keys per SIMD-group (fewer: more splits), both shapes."""
-    from flashmoe_mlx import kernels
-
-    chosen = kernels.KEYS_PER_SIMD_GROUP
     out = []
     for keys in choices:
-        kernels.KEYS_PER_SIMD_GROUP = keys
-        out.append({"keys_per_simd_group": keys, "ms": [attention(iters=30, check=False)["ms"]["attention_decode"],
-                    attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]})
-    kernels.KEYS_PER_SIMD_GROUP = chosen
+        with tuned(KEYS_PER_SIMD_GROUP=keys):
+            ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
+                  attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
+        out.append({"keys_per_simd_group": keys, "ms": ms})
     return out
 
 
 def profile_once():
     """One layer and one attention step, each path twice (the fused path also at 8 rows per pass-1
     SIMD-group): a short run for a kernel profiler (ncu) to time the kernels alone."""
-    from flashmoe_mlx import kernels
-
     attention(iters=2, check=False)
     attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
     for bits in ((4, 4), (3, 4)):
@@ -173,9 +168,8 @@ def profile_once():
         for _ in range(2):
             mx.eval((pool(x, ids) * w[..., None]).sum(axis=-2))
             mx.eval(expert_swiglu(x, pool, ids, w))
-        chosen, kernels.UP_ROWS = kernels.UP_ROWS, 8
-        mx.eval(expert_swiglu(x, pool, ids, w))
-        kernels.UP_ROWS = chosen
+        with tuned(UP_ROWS=8):
+            mx.eval(expert_swiglu(x, pool, ids, w))
 
 
 def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=50, check=True) -> dict:
@@ -237,7 +231,7 @@ def main():
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:
         return profile_once()
-    bound = copy_bandwidth()
+    bound = device_copy_gbps(nbytes=4 << 30, repeats=5)
     result = {"device": mx.device_info().get("device_name", "?"), "copy_bandwidth_gbps": bound,
               "op_overhead_us": op_overhead() * 1e6}
     if args.only != "experts":
