@@ -161,16 +161,15 @@ if (LANE == 0) {
 }
 BARRIER();
 const uint32_t out = (b * HQ + kvh * G) * SPLITS + split;  // (batch, first query head, split)
-if (tid < G) {
-  float top = LOWEST, total = 0.0f;
-  for (uint32_t w = 0; w < WARPS; ++w) top = top > stats[(w * GP + tid) * 2] ? top : stats[(w * GP + tid) * 2];
-  for (uint32_t w = 0; w < WARPS; ++w) total += EXP(stats[(w * GP + tid) * 2] - top) * stats[(w * GP + tid) * 2 + 1];
-  ml[(out + tid * SPLITS) * 2] = top;
-  ml[(out + tid * SPLITS) * 2 + 1] = total;
-}
 UNROLL for (uint32_t h = 0; h < G; ++h) {
   float top = LOWEST;
   for (uint32_t w = 0; w < WARPS; ++w) top = top > stats[(w * GP + h) * 2] ? top : stats[(w * GP + h) * 2];
+  if (tid == 0) {
+    float total = 0.0f;
+    for (uint32_t w = 0; w < WARPS; ++w) total += EXP(stats[(w * GP + h) * 2] - top) * stats[(w * GP + h) * 2 + 1];
+    ml[(out + h * SPLITS) * 2] = top;
+    ml[(out + h * SPLITS) * 2 + 1] = total;
+  }
   const float factor = EXP(m[h] - top);
   UNROLL for (uint32_t i = 0; i < DPL; ++i) merge[SIMD_IN_TG * D + DPL * LANE + i] = acc[h][i] * factor;
   BARRIER();
