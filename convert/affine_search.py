@@ -54,20 +54,19 @@ def quantize_searched(w: mx.array, group_size: int, bits: int) -> tuple[mx.array
     span = mx.maximum(hi - lo, 1e-12)
     best_scale, best_bias = span / nmax, lo  # round-to-nearest from min/max: the search starts no worse
     best = _error(x, best_scale, best_bias, _codes(x, best_scale, best_bias, nmax))
-    for extra in GRID:
-        q = mx.clip(mx.round((x - lo) * ((nmax + float(extra)) / span)), 0, nmax)
-        scale, bias = _fit(x, q)
+
+    def keep_better(scale, bias):
+        nonlocal best_scale, best_bias, best
         err = _error(x, scale, bias, _codes(x, scale, bias, nmax))
         better = (err < best)[:, None]
         best_scale, best_bias = mx.where(better, scale, best_scale), mx.where(better, bias, best_bias)
         best = mx.minimum(err, best)
         mx.eval(best_scale, best_bias, best)
+
+    for extra in GRID:
+        keep_better(*_fit(x, mx.clip(mx.round((x - lo) * ((nmax + float(extra)) / span)), 0, nmax)))
     for _ in range(REFINE_ROUNDS):
-        scale, bias = _fit(x, _codes(x, best_scale, best_bias, nmax))
-        err = _error(x, scale, bias, _codes(x, scale, bias, nmax))
-        better = (err < best)[:, None]
-        best_scale, best_bias = mx.where(better, scale, best_scale), mx.where(better, bias, best_bias)
-        best = mx.minimum(err, best)
+        keep_better(*_fit(x, _codes(x, best_scale, best_bias, nmax)))
     # What the runtime reads: scale and bias in the stored dtype, codes chosen against those values.
     scale, bias = best_scale.astype(w.dtype), best_bias.astype(w.dtype)
     q = _codes(x, scale.astype(mx.float32), bias.astype(mx.float32), nmax)

@@ -13,6 +13,11 @@ from flashmoe_mlx import kernels
 from flashmoe_mlx.kernels import expert_swiglu, expert_swiglu_reference
 
 
+def refuse(launch):
+    """A runner for shapes that must not reach a kernel."""
+    raise AssertionError(f"{launch.kernel} ran on a shape it does not take")
+
+
 def quantized_pool(hidden, inter, slots, up_bits, down_bits, group_size, seed):
     mx.random.seed(seed)
     pool = SwitchGLU(hidden, inter, slots)
@@ -55,10 +60,6 @@ def test_pools_the_kernel_does_not_take_run_the_reference():
     pool = quantized_pool(MAX_HIDDEN + 64, 64, 2, 4, 4, 64, seed=3)  # activations beyond threadgroup memory
     assert not supports_expert_swiglu(pool) and supports_expert_swiglu(quantized_pool(MAX_HIDDEN, 64, 2, 4, 4, 64, 3))
     x, ids = mx.ones((1, MAX_HIDDEN + 64)), mx.zeros((1, 2), mx.uint32)
-
-    def refuse(launch):
-        raise AssertionError("the kernel ran on a pool it does not take")
-
     assert mx.array_equal(expert_swiglu(x, pool, ids, runner=refuse), expert_swiglu_reference(x, pool, ids)).item()
 
 
@@ -133,10 +134,6 @@ def test_attention_decode_shapes_the_kernel_does_not_take_run_the_reference():
     rng = np.random.default_rng(0)
     q = mx.array(rng.standard_normal((1, 8, 1, 96)).astype(np.float32))
     k, v = (mx.quantize(mx.array(rng.standard_normal((1, 2, 50, 96)).astype(np.float32)), 32, 4) for _ in range(2))
-
-    def refuse(launch):
-        raise AssertionError("the kernel ran on a shape it does not take")
-
     assert mx.array_equal(attention_decode(q, k, v, 0.1, 32, 4, runner=refuse),
                           attention_decode_reference(q, k, v, 0.1, 32, 4)).item()
 
