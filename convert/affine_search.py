@@ -17,25 +17,27 @@ GRID = np.linspace(-1.0, 2.0, 16)  # extra code steps over min..max (MLX: 0)
 REFINE_ROUNDS = 3
 
 
-def _fit(x: mx.array, q: mx.array) -> tuple[mx.array, mx.array]:
-    """Least-squares scale and bias of x ~ scale * q + bias per row (group); a flat group gets scale 0."""
-    n = x.shape[-1]
-    sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
-    det = n * sqq - sq * sq
+def _fit(x: mx.array, q: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+    """Weighted least-squares scale and bias of x ~ scale * q + bias per row (group); a flat group gets
+    scale 0. w: per-element weights broadcastable to x (ones: plain least squares)."""
+    sw, sq, sqq = w.sum(-1), (w * q).sum(-1), (w * q * q).sum(-1)
+    sx, sqx = (w * x).sum(-1), (w * q * x).sum(-1)
+    det = sw * sqq - sq * sq
     flat = det <= 0
     det = mx.where(flat, 1.0, det)
-    scale = mx.where(flat, 0.0, (n * sqx - sq * sx) / det)
-    bias = mx.where(flat, sx / n, (sqq * sx - sq * sqx) / det)
+    scale = mx.where(flat, 0.0, (sw * sqx - sq * sx) / det)
+    bias = mx.where(flat, sx / mx.maximum(sw, 1e-30), (sqq * sx - sq * sqx) / det)
     return scale[:, None], bias[:, None]
 
 
-def _codes(x: mx.array, scale: mx.array, bias: mx.array, nmax: int) -> mx.array:
+def affine_codes(x: mx.array, scale: mx.array, bias: mx.array, nmax: int) -> mx.array:
+    """round((x - bias) / scale) clipped to [0, nmax], as float32; a flat group (scale 0) gets code 0."""
     safe = mx.where(scale == 0, 1.0, scale)
     return mx.where(scale == 0, 0.0, mx.clip(mx.round((x - bias) / safe), 0, nmax))
 
 
-def _error(x, scale, bias, q):
-    return ((scale * q + bias - x) ** 2).sum(-1)
+def _error(x, scale, bias, q, w):
+    return (w * (scale * q + bias - x) ** 2).sum(-1)
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -46,30 +48,39 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u4")
 
 
-def quantize_searched(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
-    """Like `mx.quantize(w, group_size, bits)` (affine): (packed weights, scales, biases) in w's dtype."""
+def search_affine(x: mx.array, bits: int, weights: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Float32 (scale, bias) [rows, 1] for the groups x [rows, group_size] that minimise the (weighted)
+    squared error of scale * codes + bias, codes = round((x - bias) / scale) clipped to the bit range.
+    weights: per-element importance broadcastable to x (e.g. an input channel's mean squared activation)."""
     nmax = 2**bits - 1
-    x = w.astype(mx.float32).reshape(-1, group_size)
+    x = x.astype(mx.float32)
+    w = mx.ones((1, x.shape[-1])) if weights is None else mx.broadcast_to(weights.astype(mx.float32), x.shape)
     lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
     span = mx.maximum(hi - lo, 1e-12)
     best_scale, best_bias = span / nmax, lo  # round-to-nearest from min/max: the search starts no worse
-    best = _error(x, best_scale, best_bias, _codes(x, best_scale, best_bias, nmax))
+    best = _error(x, best_scale, best_bias, affine_codes(x, best_scale, best_bias, nmax), w)
 
     def keep_better(scale, bias):
         nonlocal best_scale, best_bias, best
-        err = _error(x, scale, bias, _codes(x, scale, bias, nmax))
+        err = _error(x, scale, bias, affine_codes(x, scale, bias, nmax), w)
         better = (err < best)[:, None]
         best_scale, best_bias = mx.where(better, scale, best_scale), mx.where(better, bias, best_bias)
         best = mx.minimum(err, best)
         mx.eval(best_scale, best_bias, best)
 
     for extra in GRID:
-        keep_better(*_fit(x, mx.clip(mx.round((x - lo) * ((nmax + float(extra)) / span)), 0, nmax)))
+        keep_better(*_fit(x, mx.clip(mx.round((x - lo) * ((nmax + float(extra)) / span)), 0, nmax), w))
     for _ in range(REFINE_ROUNDS):
-        keep_better(*_fit(x, _codes(x, best_scale, best_bias, nmax)))
+        keep_better(*_fit(x, affine_codes(x, best_scale, best_bias, nmax), w))
+    return best_scale, best_bias
+
+
+def quantize_searched(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Like `mx.quantize(w, group_size, bits)` (affine): (packed weights, scales, biases) in w's dtype."""
+    x = w.astype(mx.float32).reshape(-1, group_size)
     # What the runtime reads: scale and bias in the stored dtype, codes chosen against those values.
-    scale, bias = best_scale.astype(w.dtype), best_bias.astype(w.dtype)
-    q = _codes(x, scale.astype(mx.float32), bias.astype(mx.float32), nmax)
+    scale, bias = (v.astype(w.dtype) for v in search_affine(x, bits))
+    q = affine_codes(x, scale.astype(mx.float32), bias.astype(mx.float32), 2**bits - 1)
     groups = w.shape[-1] // group_size
     packed = pack_codes(np.array(q.astype(mx.uint32)).reshape(*w.shape[:-1], w.shape[-1]), bits)
     return mx.array(packed), scale.reshape(*w.shape[:-1], groups), bias.reshape(*w.shape[:-1], groups)

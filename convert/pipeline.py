@@ -9,7 +9,6 @@ are lazy, so peak memory is one unit plus buffers. Quantization goes through mlx
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,12 +34,15 @@ from flashmoe_mlx.format import (
 )
 
 from .affine_search import quantize_searched
+from .calibration import CalibrationText, Calibrator, ExpertInputs, token_windows
+from .gptq import quantize_gptq
 from .quantization import Precision, config_block, quantization_plan
 from .sources import Source, open_source
 from .staging import Staging, disk_error
 
 CAST_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 CHUNK_BYTES = 256 << 20  # experts are quantized this many source bytes at a time
+HESSIAN_BYTES = 512 << 20  # and, when calibrated, this many bytes of their inputs' H at a time
 _EMPTY = mx.zeros((0,))
 
 
@@ -61,7 +63,8 @@ def _source_dtype(config: dict, requested: str | None):
 
 
 class Converter:
-    def __init__(self, source: Source, precision: Precision | None, dtype: str | None):
+    def __init__(self, source: Source, precision: Precision | None, dtype: str | None,
+                 calibration: CalibrationText | None = None):
         self.source = source
         self.config = source.config
         self.model_type = self.config.get("model_type", "?")
@@ -82,6 +85,22 @@ class Converter:
             self._check_keys()
             self.plan = quantization_plan(self.model, list(self.blocks.values()), precision)
         self.units = self._units()
+        self.calibration, self.calibrator = None, None
+        if calibration is not None:
+            if source.quantized:
+                raise ConvertError("--calibrate quantizes from unquantized weights; it does not apply to --mlx-path")
+            self.calibrator = Calibrator(self.model, self._calibration_windows(calibration))
+            self.calibration = calibration.job()
+
+    def _calibration_windows(self, calibration: CalibrationText):
+        from mlx_lm.utils import load_tokenizer
+
+        text = calibration.read()
+        try:
+            tokenizer = load_tokenizer(self.source.path)
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{self.source.path}: no tokenizer to read the calibration text with ({e})") from None
+        return token_windows(tokenizer, text, calibration.tokens, calibration.path)
 
     def _cast(self, weights: dict, dtype) -> dict:
         if dtype is None:
@@ -121,9 +140,28 @@ class Converter:
 
     # ---------------------------------------------------------------- one unit
 
+    def calibrate(self, unit: int, keep_expert_inputs: bool = True) -> ExpertInputs | None:
+        """Carry the calibration hidden states through this unit's source weights (loaded into the model
+        until `release`); returns what its expert block saw."""
+        layer, keys = self.units[unit]
+        self.model.load_weights([(k, self.weights[k]) for k in keys], strict=False)
+        if layer is None:
+            self.calibrator.embed()
+            return None
+        return self.calibrator.advance(layer, self.blocks.get(layer) if keep_expert_inputs else None)
+
+    def release(self, unit: int, written=()):
+        """Free this unit (its source tensors, and what was `written` from the model): evaluated tensors stay
+        alive while the model or the weight table holds them."""
+        keys = self.units[unit][1]
+        self.model.load_weights([(k, _EMPTY) for k in sorted({*keys, *written})], strict=False)
+        for k in keys:
+            del self.weights[k]
+
     def convert_unit(self, staging: Staging, unit: int) -> dict:
         layer, keys = self.units[unit]
         block = self.blocks.get(layer)
+        inputs = self.calibrate(unit) if self.calibrator is not None else None
         prefix = block.path + "." if block else None
         expert_keys = [k for k in keys if prefix and k.startswith(prefix)]
         dense = self._dense_tensors(layer, [k for k in keys if not (prefix and k.startswith(prefix))], prefix)
@@ -138,12 +176,9 @@ class Converter:
         files.append(shard)
         entry = None
         if block is not None:
-            entry = self._write_experts(staging, block, expert_keys)
+            entry = self._write_experts(staging, block, expert_keys, inputs)
             files.append(f"{EXPERTS_DIR}/{entry.file}")
-        # Free this unit: evaluated tensors stay alive while the model or the weight table holds them.
-        self.model.load_weights([(k, _EMPTY) for k in dense], strict=False)
-        for k in keys:
-            del self.weights[k]
+        self.release(unit, dense)
         return {
             "files": files,
             "dense": {shard: sorted(dense)},
@@ -168,7 +203,8 @@ class Converter:
         mx.eval(list(tensors.values()))
         return tensors
 
-    def _expert_tensors(self, block: ExpertBlock, keys: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+    def _expert_tensors(self, block: ExpertBlock, keys: list[str],
+                        inputs: ExpertInputs | None) -> tuple[dict[str, np.ndarray], dict]:
         """Stacked expert tensors as numpy ({'gate_proj.weight': [E, ...], ...}) and their precision."""
         arrays, dtypes, quant = {}, {}, {}
         names = sorted(k[len(block.path) + 1 :] for k in keys)
@@ -178,7 +214,7 @@ class Converter:
             for name in [n for n in names if n.split(".")[0] == proj]:
                 src = self.weights[f"{block.path}.{name}"]
                 if name.endswith(".weight") and self.plan is not None and spec:
-                    out = self._quantize_experts(src, spec)
+                    out = self._quantize_experts(src, spec, proj, inputs)
                     for part, value in zip(("weight", "scales", "biases"), out):
                         arrays[f"{proj}.{part}"], dtypes[f"{proj}.{part}"] = value
                 else:
@@ -196,16 +232,24 @@ class Converter:
         return projection_quant(self.config["quantization"], path, block.shapes[proj][2], weight.shape, scales.shape,
                                 str(scales.dtype).split(".")[-1])
 
-    def _quantize_experts(self, w: mx.array, spec: dict) -> list[tuple[np.ndarray, str]]:
-        """Quantize [E, out, in] in chunks of experts; rows are independent, so this equals one call."""
+    def _quantize_experts(self, w: mx.array, spec: dict, proj: str,
+                          inputs: ExpertInputs | None) -> list[tuple[np.ndarray, str]]:
+        """Quantize [E, out, in] in chunks of experts; experts are independent, so this equals one call."""
         mx.eval(w)
-        per_expert = max(1, w[0].nbytes)
-        step = max(1, CHUNK_BYTES // per_expert)
-        if self.precision.expert_search and spec["mode"] == "affine":
-            quantize = partial(quantize_searched, group_size=spec["group_size"], bits=spec["bits"])
+        step = max(1, CHUNK_BYTES // max(1, w[0].nbytes))
+        grid = {"group_size": spec["group_size"], "bits": spec["bits"]}
+        if inputs is not None and spec["mode"] == "affine":
+            step = max(1, min(step, HESSIAN_BYTES // (4 * w.shape[-1] ** 2)))
+
+            def quantize(chunk, first):
+                return quantize_gptq(chunk, inputs.hessians(proj, range(first, first + len(chunk))), **grid)
+        elif self.precision.expert_search and spec["mode"] == "affine":
+            def quantize(chunk, first):
+                return quantize_searched(chunk, **grid)
         else:
-            quantize = partial(mx.quantize, group_size=spec["group_size"], bits=spec["bits"], mode=spec["mode"])
-        parts = [quantize(w[e : e + step]) for e in range(0, w.shape[0], step)]
+            def quantize(chunk, first):
+                return mx.quantize(chunk, **grid, mode=spec["mode"])
+        parts = [quantize(w[e : e + step], e) for e in range(0, w.shape[0], step)]
         out = []
         for i in range(len(parts[0])):
             pieces = []
@@ -215,8 +259,9 @@ class Converter:
             out.append((np.concatenate([a for a, _ in pieces]), pieces[0][1]))
         return out
 
-    def _write_experts(self, staging: Staging, block: ExpertBlock, keys: list[str]) -> LayerEntry:
-        tensors, quant = self._expert_tensors(block, keys)
+    def _write_experts(self, staging: Staging, block: ExpertBlock, keys: list[str],
+                       inputs: ExpertInputs | None) -> LayerEntry:
+        tensors, quant = self._expert_tensors(block, keys, inputs)
         entry = plan_layer(
             block.layer, block.path, block.num_experts,
             {n: (dtype, a.shape[1:], quant[n.split(".")[0]]) for n, (a, dtype) in tensors.items()},
@@ -244,6 +289,7 @@ class Converter:
             "source": str(self.source.path.resolve()),
             "source_kind": "mlx" if self.source.quantized else "hf",
             "precision": asdict(self.precision) if self.plan is not None else None,
+            "calibration": self.calibration,
             "dtype": str(self.dtype),
             "mlx": mx.__version__,
             "mlx_lm": mlx_lm_version,
@@ -295,6 +341,7 @@ class Converter:
                 "router_bits": self.precision.router_bits,
                 "group_size": self.precision.group_size,
                 "expert_search": self.precision.expert_search,
+                "expert_calibration": self.calibration,
             }
         return config
 
@@ -305,17 +352,19 @@ def convert(
     hf_path: str | None = None,
     mlx_path: str | None = None,
     precision: Precision | None = None,
+    calibration: CalibrationText | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert `hf_path` (quantizing) or repack `mlx_path` (bit-for-bit) into a flashmoe checkpoint."""
+    """Convert `hf_path` (quantizing) or repack `mlx_path` (bit-for-bit) into a flashmoe checkpoint.
+    `calibration`: quantize experts with GPTQ on that text's inputs (gptq.py) instead of round-to-nearest."""
     if (hf_path is None) == (mlx_path is None):
         raise ConvertError("give exactly one of hf_path / mlx_path")
     out = Path(out)
     source = open_source(hf_path or mlx_path, expect_quantized=mlx_path is not None)
-    converter = Converter(source, precision or Precision(), dtype)
+    converter = Converter(source, precision or Precision(), dtype, calibration)
     staging = Staging(out, converter.job(), resume=resume, overwrite=overwrite)
 
     def check(record):
@@ -329,6 +378,9 @@ def convert(
         if record is None:
             record = converter.convert_unit(staging, unit)
             staging.finish_unit(unit, record)
+        elif converter.calibrator is not None:  # the next layer's calibration inputs come through this one
+            converter.calibrate(unit, keep_expert_inputs=False)
+            converter.release(unit)
         records.append(record)
     converter.finish(staging, records)
     staging.commit()

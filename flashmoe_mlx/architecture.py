@@ -1,7 +1,8 @@
 """Which mlx-lm architectures flashmoe streams, and where their routed experts live.
 
 Owns: building an mlx-lm model lazily from a config (no weights touched), finding every `SwitchGLU`
-expert block in it, and splitting parameter names into units (one per decoder layer, plus the rest).
+expert block in it, splitting parameter names into units (one per decoder layer, plus the rest), and
+swapping a module at a path (to stream an expert block, or to watch what it is called with).
 """
 
 from __future__ import annotations
@@ -88,6 +89,32 @@ def module_at(model: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         module = module[int(part)] if isinstance(module, list) else getattr(module, part)
     return module
+
+
+def swap_module(model: nn.Module, path: str, module) -> nn.Module:
+    """Put `module` at `path` in `model` (an attribute or a list item, e.g. a decoder layer); returns the
+    module it replaces."""
+    parent_path, _, name = path.rpartition(".")
+    parent = module_at(model, parent_path)
+    if isinstance(parent, list):
+        old, parent[int(name)] = parent[int(name)], module
+    else:
+        old = getattr(parent, name)
+        setattr(parent, name, module)
+    return old
+
+
+class ExpertCallHook(nn.Module):
+    """Wraps an expert block: `on_call(x, indices)` sees each call's inputs, then the block runs."""
+
+    def __init__(self, inner: nn.Module, on_call):
+        super().__init__()
+        self.inner = inner
+        self._on_call = on_call
+
+    def __call__(self, x, indices):
+        self._on_call(x, indices)
+        return self.inner(x, indices)
 
 
 def router_paths(model: nn.Module, blocks: list[ExpertBlock]) -> set[str]:

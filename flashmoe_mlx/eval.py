@@ -20,32 +20,19 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .architecture import UnsupportedModel, expert_blocks, module_at
+from .architecture import ExpertCallHook, UnsupportedModel, expert_blocks, module_at, swap_module
 from .format import FormatError
 from .loader import LoadError, load
 
 
-class RoutingRecorder(nn.Module):
-    """Wraps an expert block to keep the expert ids its router chose (one host copy per call)."""
-
-    def __init__(self, inner: nn.Module, sink: list):
-        super().__init__()
-        self.inner = inner
-        self._sink = sink
-
-    def __call__(self, x, indices):
-        self._sink.append(np.array(indices).reshape(-1, indices.shape[-1]))
-        return self.inner(x, indices)
-
-
 def record_routing(model: nn.Module) -> dict[int, list]:
-    """Wrap every expert block of `model`; returns {layer: list that fills with [tokens, k] id arrays}."""
+    """Wrap every expert block of `model`; returns {layer: list that fills with [tokens, k] id arrays}
+    (one host copy per call)."""
     sinks = {}
     for block in expert_blocks(model):
-        parent_path, _, name = block.path.rpartition(".")
-        parent = module_at(model, parent_path)
-        sinks[block.layer] = []
-        setattr(parent, name, RoutingRecorder(getattr(parent, name), sinks[block.layer]))
+        sink = sinks[block.layer] = []
+        swap_module(model, block.path, ExpertCallHook(
+            module_at(model, block.path), lambda x, indices, sink=sink: sink.append(np.array(indices).reshape(-1, indices.shape[-1]))))
     return sinks
 
 

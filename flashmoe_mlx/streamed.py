@@ -18,7 +18,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 from . import kernels
-from .architecture import ExpertBlock, expert_blocks, module_at
+from .architecture import ExpertBlock, expert_blocks, module_at, swap_module
 from .store import ExpertStore
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -110,7 +110,5 @@ def swap_expert_blocks(model: nn.Module) -> list[ExpertBlock]:
     """Replace every SwitchGLU in `model` by an (unbound) StreamedSwitchGLU; return the blocks replaced."""
     blocks = expert_blocks(model, getattr(model, "model_type", "?"))
     for block in blocks:
-        parent_path, _, name = block.path.rpartition(".")
-        parent = module_at(model, parent_path)
-        setattr(parent, name, StreamedSwitchGLU(getattr(parent, name).activation, block.layer))
+        swap_module(model, block.path, StreamedSwitchGLU(module_at(model, block.path).activation, block.layer))
     return blocks

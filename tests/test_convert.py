@@ -14,8 +14,11 @@ from mlx_lm import load as mlx_load
 from mlx_lm.convert import convert as mlx_convert
 from mlx_lm.utils import load_model
 
+from flashmoe_mlx.architecture import module_at
 from flashmoe_mlx.convert import Precision, convert
 from flashmoe_mlx.convert.affine_search import pack_codes, quantize_searched
+from flashmoe_mlx.convert.calibration import CalibrationText
+from flashmoe_mlx.convert.gptq import quantize_gptq
 from flashmoe_mlx.format import read_manifest, read_stacked_experts, verify_checkpoint
 
 
@@ -178,6 +181,132 @@ def test_verify_catches_flipped_byte_and_truncation(hf_checkpoint, tmp_path):
     assert bad.returncode != 0 and "truncated" in bad.stderr and entry.file in bad.stderr
 
 
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_lowers_the_error_on_its_calibration_inputs(bits):
+    """Output error |X (W_hat - W)^T|^2 on correlated inputs with uneven channels, W_hat decoded by MLX's own
+    dequantize: GPTQ well below the searched and round-to-nearest grids. An expert no token reached (H = 0)
+    is still fitted, like the plain search."""
+    rng = np.random.default_rng(bits)
+    experts, rows, cols, n = 3, 64, 256, 400
+    w = mx.array(rng.standard_normal((experts, rows, cols)).astype(np.float32)).astype(mx.bfloat16)
+    mixing = rng.standard_normal((cols, cols)) * rng.random(cols) ** 4
+    xs = [mx.array((rng.standard_normal((n, cols)) @ mixing).astype(np.float32)) for _ in range(experts - 1)]
+    xs.append(mx.zeros((n, cols)))
+    hessian = mx.stack([x.T @ x / n for x in xs])
+    gptq = quantize_gptq(w, hessian, 64, bits)
+    assert [(a.shape, a.dtype) for a in gptq] == [(a.shape, a.dtype) for a in mx.quantize(w, 64, bits)]
+
+    def output_error(q, e):
+        w_hat = mx.dequantize(*q, group_size=64, bits=bits)[e]
+        return mx.mean((xs[e] @ (w_hat - w[e].astype(mx.float32)).T) ** 2).item()
+
+    for e in range(experts - 1):
+        assert output_error(gptq, e) < 0.6 * output_error(quantize_searched(w, 64, bits), e)
+        assert output_error(gptq, e) < 0.5 * output_error(mx.quantize(w, 64, bits), e)
+    unreached = mx.dequantize(*(a[-1:] for a in gptq), group_size=64, bits=bits)
+    searched = mx.dequantize(*(a[-1:] for a in quantize_searched(w, 64, bits)), group_size=64, bits=bits)
+    reference = w[-1:].astype(mx.float32)
+    assert ((unreached - reference) ** 2).mean().item() <= 1.05 * ((searched - reference) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibration_sees_what_the_model_computes(family, hf_checkpoint, tmp_path):
+    """Carried layer by layer, the calibration's expert inputs and router choices equal those of stock mlx-lm's
+    whole forward over the same windows (every family: its masks, linear-attention and sliding layers)."""
+    from flashmoe_mlx.architecture import ExpertCallHook, expert_blocks, swap_module
+    from flashmoe_mlx.convert.pipeline import Converter
+    from flashmoe_mlx.convert.sources import open_source
+
+    src = hf_checkpoint(family)
+    reference, tokenizer = mlx_load(str(src))
+    text = tmp_path / "calibration.txt"
+    text.write_text(_random_text(tokenizer, reference, 0, 3000))
+    converter = Converter(open_source(str(src), expect_quantized=False), Precision(), None,
+                          CalibrationText(str(text), tokens=1024))
+    seen = {}
+    for block in expert_blocks(reference):
+        swap_module(reference, block.path, ExpertCallHook(module_at(reference, block.path), lambda x, ids, layer=block.layer:
+                    seen.setdefault(layer, (x.reshape(-1, x.shape[-1]), np.array(ids).reshape(-1, ids.shape[-1])))))
+    mx.eval(reference(mx.array(converter.calibrator.windows)))
+    checked = []
+    for unit, (layer, _) in enumerate(converter.units):
+        inputs = converter.calibrate(unit)
+        if inputs is not None:
+            x, ids = seen[layer]
+            assert mx.abs(inputs.x - x).max().item() <= 1e-4 * max(1.0, mx.abs(x).max().item())
+            assert (inputs.indices == ids).mean() >= 0.999
+            checked.append(layer)
+        converter.release(unit)
+    assert checked == sorted(seen)
+
+
+def _random_text(tokenizer, model, seed: int, tokens: int) -> str:
+    """Text decoded from random token ids: calibration and held-out text from one distribution."""
+    vocab = min(len(tokenizer.get_vocab()), module_at(model, "model.embed_tokens").weight.shape[0])
+    return tokenizer.decode(np.random.default_rng(seed).integers(3, vocab, tokens).tolist())
+
+
+def test_convert_calibrate_brings_the_model_closer_to_its_source(hf_checkpoint, tmp_path):
+    """--calibrate: on held-out text like the calibration text, logits nearer the float32 source's than
+    round-to-nearest and --search give at the same bits; the calibration is recorded in the config."""
+    src = hf_checkpoint("qwen3_moe")
+    source, tokenizer = mlx_load(str(src))
+    text = tmp_path / "calibration.txt"
+    text.write_text(_random_text(tokenizer, source, 0, 4000))
+    outs = {
+        "rtn": convert(tmp_path / "rtn", hf_path=str(src), progress=False,
+                       precision=Precision.from_flags(bits=8, expert_bits=3)),
+        "search": convert(tmp_path / "search", hf_path=str(src), progress=False,
+                          precision=Precision.from_flags(bits=8, expert_bits=3, search=True)),
+        "gptq": convert(tmp_path / "gptq", hf_path=str(src), progress=False,
+                        precision=Precision.from_flags(bits=8, expert_bits=3),
+                        calibration=CalibrationText(str(text), tokens=2048)),
+    }
+    recipe = json.loads((outs["gptq"] / "config.json").read_text())["flashmoe"]["recipe"]
+    assert recipe["expert_calibration"]["method"] == "gptq" and recipe["expert_calibration"]["tokens"] == 2048
+    assert len(recipe["expert_calibration"]["text_sha256"]) == 64
+    held_out = [mx.array(tokenizer.encode(_random_text(tokenizer, source, seed, 600))[:512])[None] for seed in (1, 2)]
+
+    def logit_error(path):
+        model = load_resident(path)
+        return sum(((model(ids) - source(ids)) ** 2).mean().item() for ids in held_out)
+
+    errors = {name: logit_error(path) for name, path in outs.items()}
+    assert errors["gptq"] < 0.6 * errors["search"] and errors["search"] < errors["rtn"], errors
+    verify_checkpoint(outs["gptq"])
+
+
+def test_calibrated_resume_gives_identical_bytes(hf_checkpoint, tmp_path, monkeypatch):
+    """An interrupted --calibrate conversion, resumed, carries the calibration through the finished layers
+    and writes exactly what an uninterrupted one does."""
+    from flashmoe_mlx.convert import pipeline
+
+    src = str(hf_checkpoint("mixtral"))
+    text = tmp_path / "calibration.txt"
+    text.write_text(_random_text(*reversed(mlx_load(src)), 0, 2000))
+    calibration = CalibrationText(str(text), tokens=1024)
+    whole = convert(tmp_path / "whole", hf_path=src, progress=False, calibration=calibration)
+    real = pipeline.Converter.convert_unit
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_unit_2(self, staging, unit):
+        if unit == 2:
+            raise Crash
+        return real(self, staging, unit)
+
+    monkeypatch.setattr(pipeline.Converter, "convert_unit", crash_at_unit_2)
+    with pytest.raises(Crash):
+        convert(tmp_path / "fm", hf_path=src, progress=False, calibration=calibration)
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="different options"):
+        convert(tmp_path / "fm", hf_path=src, progress=False, resume=True)
+    convert(tmp_path / "fm", hf_path=src, progress=False, resume=True, calibration=calibration)
+    assert _tree_bytes(tmp_path / "fm") == _tree_bytes(whole)
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -293,10 +422,19 @@ def test_resume_checks_finished_units_and_redoes_damaged_ones(hf_checkpoint, tmp
         (["--verify", "{missing}"], "manifest is missing"),
         (["--verify", "{src}/config.json"], "unreadable"),
         (["--mlx-path", "{src}", "--out", "{out}", "--recipe", "3bit"], "does not apply to --mlx-path"),
+        (["--mlx-path", "{src}", "--out", "{out}", "--calibrate", "{src}/config.json"], "does not apply to --mlx-path"),
+        (["--hf-path", "{src}", "--out", "{out}", "--calibrate", "{missing}"], "calibration text not found"),
+        (["--hf-path", "{src}", "--out", "{out}", "--calibrate", "{short}"], "calibration needs at least 512"),
+        (["--hf-path", "{src}", "--out", "{out}", "--calibrate", "{src}"], "not a readable UTF-8 text file"),
+        (["--hf-path", "{src}", "--out", "{out}", "--calibrate-tokens", "1024"], "needs --calibrate"),
+        (["--hf-path", "{src}", "--out", "{out}", "--calibrate", "{short}", "--calibrate-tokens", "100"],
+         "--calibrate-tokens 100"),
     ],
 )
 def test_bad_flags_and_paths_give_one_line_errors(args, message, hf_checkpoint, tmp_path):
-    subs = {"missing": tmp_path / "nope", "out": tmp_path / "out", "src": hf_checkpoint("qwen3_moe")}
+    subs = {"missing": tmp_path / "nope", "out": tmp_path / "out", "src": hf_checkpoint("qwen3_moe"),
+            "short": tmp_path / "short.txt"}
+    subs["short"].write_text("Too short to calibrate with.")
     result = run_cli("flashmoe_mlx.convert", *[a.format(**subs) for a in args])
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
