@@ -175,22 +175,35 @@ def expert_swiglu_reference(x: mx.array, pool: nn.Module, slot_ids: mx.array, we
 
 
 SHARED_BYTES = 28 << 10  # threadgroup memory a kernel may take (Metal guarantees 32 KiB)
-KEYS_PER_SIMD_GROUP = 64  # at least; fewer means more splits, whose partial results cost a write and a read
+KEYS_PER_SIMD_GROUP = 64  # at least (and a whole chunk); fewer: more splits, whose partials cost a write and a read
+TWO_KEYS_PER_LANE_MAX = 1024  # (padded heads per kv head) x (head dim) up to which a lane scores two keys per chunk:
+# its value accumulator is then <= 32 floats, which leaves room for a second key's registers (32 / 4 heads of dim
+# 128: 128 registers per thread on sm_90 either way at 4 bits); 32 / 2 heads of dim 256 spill even at one key.
 
 
-def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -> tuple[int, int] | None:
-    """(splits, SIMD-groups per threadgroup) for `batch_heads` (batch x kv heads) over `keys`: the most
-    SIMD-groups whose threadgroup memory fits, then splits doubled while each SIMD-group keeps
-    KEYS_PER_SIMD_GROUP keys and the grid stays <= 1024 threadgroups. None: nothing fits."""
+def split_shared_bytes(heads_per_kv: int, dim: int, warps: int, keys_per_lane: int) -> int:
+    """Threadgroup memory that attention_decode_split declares: q staged (dim + dim / 32 floats per padded
+    head), and per SIMD-group its chunk's weights, one merge row and its (max, sum) per padded head."""
     padded = -(-heads_per_kv // 4) * 4
-    floats = lambda warps: padded * (dim + dim // 32) + warps * (32 * padded + dim + 2 * padded)  # noqa: E731
-    warps = next((w for w in (8, 4, 2, 1) if 4 * floats(w) <= SHARED_BYTES), None)
+    return 4 * (padded * (dim + dim // 32) + warps * (32 * keys_per_lane * padded + dim + 2 * padded))
+
+
+def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -> tuple[int, int, int] | None:
+    """(splits, SIMD-groups per threadgroup, keys per lane) of the split pass for `batch_heads` (batch x kv
+    heads) over `keys`: two keys per lane where TWO_KEYS_PER_LANE_MAX allows, the most SIMD-groups whose
+    threadgroup memory fits, then splits doubled while each SIMD-group keeps KEYS_PER_SIMD_GROUP keys (and at
+    least a chunk of 32 per key per lane) and the grid stays <= 1024 threadgroups. None: nothing fits."""
+    padded = -(-heads_per_kv // 4) * 4
+    keys_per_lane = 2 if padded * dim <= TWO_KEYS_PER_LANE_MAX else 1
+    warps = next((w for w in (8, 4, 2, 1) if split_shared_bytes(heads_per_kv, dim, w, keys_per_lane) <= SHARED_BYTES),
+                 None)
     if warps is None:
         return None
+    per_simd_group = max(KEYS_PER_SIMD_GROUP, 32 * keys_per_lane)
     splits = 1
-    while splits < 256 and keys >= 2 * splits * warps * KEYS_PER_SIMD_GROUP and 2 * splits * batch_heads <= 1024:
+    while splits < 256 and keys >= 2 * splits * warps * per_simd_group and 2 * splits * batch_heads <= 1024:
         splits *= 2
-    return splits, warps
+    return splits, warps, keys_per_lane
 
 
 def supports_attention_decode(heads: int, kv_heads: int, dim: int, bits: int, group_size: int) -> bool:
@@ -211,19 +224,19 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
     hkv, n = keys[0].shape[1], keys[0].shape[2]
     if runner is None or not supports_attention_decode(hq, hkv, d, bits, group_size):
         return attention_decode_reference(q, keys, values, scale, group_size, bits)
-    splits, warps = attention_layout(b * hkv, n, hq // hkv, d)
-    constants = {"T": q.dtype, "HQ": hq, "D": d}
+    splits, warps, keys_per_lane = attention_layout(b * hkv, n, hq // hkv, d)
+    constants = {"T": q.dtype, "HQ": hq, "D": d, "SPLITS": splits}
     (o, ml) = runner(Launch(
         "attention_decode_split",
         {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
          "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)},
         {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
-        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "SPLITS": splits, "WARPS": warps},
+        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "WARPS": warps, "KEYS_PER_LANE": keys_per_lane},
         b * hkv * splits * warps,
         threadgroup=32 * warps,
     ))
     (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, d), q.dtype)},
-                           {**constants, "SPLITS": splits}, b * hq * d // 32))
+                           constants, b * hq * d // 32))
     return out.reshape(b, hq, 1, d)
 
 

@@ -1,18 +1,24 @@
 // attention_decode, pass 1 of 2: flash decoding of one query token over an MLX-affine quantized KV cache.
 // One threadgroup per (batch, kv head, split of the keys); its WARPS SIMD-groups take consecutive chunks of
-// the split and serve all G = HQ / HKV query heads of the kv head at once, so each K/V byte is read once
-// for the whole GQA group. Scores: lane = key (its K row in vector loads, dequantized once, G dot products
-// against q held pre-scaled in threadgroup memory, 4 heads per 16-byte read); online softmax per head
-// across the SIMD-group. Values: lane = D/32 consecutive dims, keys in turn, the chunk's softmax weights
-// read from threadgroup memory. At the end the SIMD-groups merge their (max, sum, accumulator).
+// CHUNK = 32 * KEYS_PER_LANE keys of the split and serve all G = HQ / HKV query heads of the kv head at once,
+// so each K/V byte is read once for the whole GQA group.
+// Scores: lane = keys c + LANE + 32 k (k < KEYS_PER_LANE) of chunk c, each K row in vector loads, dequantized
+// once, G dot products against q held pre-scaled in threadgroup memory, 4 heads per 16-byte read, and each
+// read serves the lane's KEYS_PER_LANE keys (reads of q per key divided by KEYS_PER_LANE).
+// Online softmax per head across the SIMD-group: one SIMD max per head and chunk; each lane keeps its share
+// of the sum, added up once at the end. Values: lane = D/32 consecutive dims, keys in turn, the chunk's
+// softmax weights read from threadgroup memory. At the end the SIMD-groups merge their (max, sum, accumulator).
 // Heads are padded to GP, a multiple of 4, with zero queries (their results are never written).
 // Inputs: q [B, HQ, D] (T); k_w, v_w [B, HKV, N, D*BITS/32] uint32; k_s, k_b, v_s, v_b [B, HKV, N, D/GS] (T);
 // scale [1] float. Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
-// Template constants: T, HQ, HKV, D, BITS, GS, SPLITS, WARPS (threadgroup: 32 * WARPS). B, N: k_w's shape.
+// Template constants: T, HQ, HKV, D, BITS, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), KEYS_PER_LANE (1 or
+// 2: the second key's registers against half the q reads; the wrapper picks per shape). B, N: k_w's shape.
+// Threadgroup memory, in floats: GP * (D + D/32) + WARPS * (CHUNK * GP + D + 2 * GP) (kernels.py counts it).
 // Requires (D/32) * BITS to divide 32 or be a multiple of it, and D/32 to divide GS (the wrapper checks).
 constexpr uint32_t G = HQ / HKV;
 constexpr uint32_t G4 = (G + 3) / 4;                      // float4s per (dim or key) over the padded heads
 constexpr uint32_t GP = 4 * G4;
+constexpr uint32_t CHUNK = 32 * KEYS_PER_LANE;
 constexpr uint32_t PACKS = D / 32;
 constexpr uint32_t ROW_WORDS = D * BITS / 32;
 constexpr uint32_t ROW_GROUPS = D / GS;
@@ -23,7 +29,7 @@ constexpr int ALIGN = flashmoe_pack_align(BITS, ROW_WORDS);
 constexpr float LOWEST = -3.0e38f;
 SHARED(float4, qs, D * G4);            // q * scale * prescale, [d][head / 4]
 SHARED(float4, qsum, PACKS * G4);      // q * scale summed over each pack, [pack][head / 4]
-SHARED(float4, chunk_w, WARPS * 32 * G4);  // per SIMD-group: the chunk's softmax weights, [key][head / 4]
+SHARED(float4, chunk_w, WARPS * CHUNK * G4);  // per SIMD-group: the chunk's softmax weights, [key][head / 4]
 SHARED(float, merge, WARPS * D);       // per SIMD-group: one head's accumulator at a time
 SHARED(float, stats, WARPS * GP * 2);
 const uint32_t N = k_w_shape[2];
@@ -56,81 +62,97 @@ for (uint32_t e = tid; e < PACKS * G4; e += 32 * WARPS) {
   qsum[e] = FLOAT4(v[0], v[1], v[2], v[3]);
 }
 BARRIER();
-// Keys of this SIMD-group: its share of the split, whole chunks of 32.
+// Keys of this SIMD-group: its share of the split, whole chunks.
 const uint32_t per_split = (N + SPLITS - 1) / SPLITS;
-const uint32_t per_warp = ((per_split + WARPS - 1) / WARPS + 31) / 32 * 32;
+const uint32_t per_warp = ((per_split + WARPS - 1) / WARPS + CHUNK - 1) / CHUNK * CHUNK;
 const uint32_t split_end = (split + 1) * per_split < N ? (split + 1) * per_split : N;
 const uint32_t n0 = split * per_split + SIMD_IN_TG * per_warp;
 const uint32_t n1 = n0 + per_warp < split_end ? n0 + per_warp : split_end;
 const uint32_t row0 = (b * HKV + kvh) * N;  // cache row of key 0
-const uint32_t mine = SIMD_IN_TG * 32 * G4;
-float m[GP], l[GP], acc[GP][DPL];
+const uint32_t mine = SIMD_IN_TG * CHUNK * G4;
+float m[GP], l[GP], acc[GP][DPL];  // m: the SIMD-group's running max; l: this lane's share of the sum
 UNROLL for (uint32_t h = 0; h < GP; ++h) {
   m[h] = LOWEST;
   l[h] = 0.0f;
   UNROLL for (uint32_t i = 0; i < DPL; ++i) acc[h][i] = 0.0f;
 }
-for (uint32_t c = n0; c < n1; c += 32) {
-  const uint32_t last = n1 - c < 32 ? n1 - c - 1 : 31;  // lanes past the end score key c + last, masked
-  // Scores of key c + LANE for every head.
-  const uint32_t krow = row0 + c + (LANE < last ? LANE : last);
-  uint32_t kw[ROW_WORDS];
-  float ks[PACKS], kb[PACKS];
-  flashmoe_load_words<ROW_WORDS, ALIGN>(k_w + krow * ROW_WORDS, kw);
-  UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
-    ks[p] = float(k_s[krow * ROW_GROUPS + p * 32 / GS]);
-    kb[p] = float(k_b[krow * ROW_GROUPS + p * 32 / GS]);
+for (uint32_t c = n0; c < n1; c += CHUNK) {
+  const uint32_t count = n1 - c < CHUNK ? n1 - c : CHUNK;  // keys in the chunk; lanes past them redo its last
+  // Scores of keys c + LANE + 32 k for every head.
+  uint32_t kw[KEYS_PER_LANE][ROW_WORDS];
+  float ks[KEYS_PER_LANE][PACKS], kb[KEYS_PER_LANE][PACKS];
+  UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+    const uint32_t krow = row0 + c + (32 * k + LANE < count ? 32 * k + LANE : count - 1);
+    flashmoe_load_words<ROW_WORDS, ALIGN>(k_w + krow * ROW_WORDS, kw[k]);
+    UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
+      ks[k][p] = float(k_s[krow * ROW_GROUPS + p * 32 / GS]);
+      kb[k][p] = float(k_b[krow * ROW_GROUPS + p * 32 / GS]);
+    }
   }
-  float s[GP];
-  UNROLL for (uint32_t h = 0; h < GP; ++h) s[h] = 0.0f;
+  // Key values come scaled (flashmoe_scaled_value), so a pack adds straight into the scores; its bias adds
+  // kb * (q summed over the pack).
+  float s[KEYS_PER_LANE][GP];
+  UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+    UNROLL for (uint32_t h = 0; h < GP; ++h) s[k][h] = 0.0f;
+  }
   UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
-    float part[GP];
-    UNROLL for (uint32_t h = 0; h < GP; ++h) part[h] = 0.0f;
     UNROLL for (int i = 0; i < 32; ++i) {
-      const float kv = flashmoe_value<BITS>(kw + p * BITS, i);
+      float kv[KEYS_PER_LANE];
+      UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k)
+        kv[k] = flashmoe_scaled_value<BITS>(kw[k] + p * BITS, i, ks[k][p], -8388608.0f * ks[k][p]);
       UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4) {
         const float4 qv = qs[(p * 32 + i) * G4 + h4];
-        part[4 * h4] += kv * qv.x;
-        part[4 * h4 + 1] += kv * qv.y;
-        part[4 * h4 + 2] += kv * qv.z;
-        part[4 * h4 + 3] += kv * qv.w;
+        UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+          s[k][4 * h4] += kv[k] * qv.x;
+          s[k][4 * h4 + 1] += kv[k] * qv.y;
+          s[k][4 * h4 + 2] += kv[k] * qv.z;
+          s[k][4 * h4 + 3] += kv[k] * qv.w;
+        }
       }
     }
     UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4) {
       const float4 qv = qsum[p * G4 + h4];
-      s[4 * h4] += ks[p] * part[4 * h4] + kb[p] * qv.x;
-      s[4 * h4 + 1] += ks[p] * part[4 * h4 + 1] + kb[p] * qv.y;
-      s[4 * h4 + 2] += ks[p] * part[4 * h4 + 2] + kb[p] * qv.z;
-      s[4 * h4 + 3] += ks[p] * part[4 * h4 + 3] + kb[p] * qv.w;
+      UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+        s[k][4 * h4] += kb[k][p] * qv.x;
+        s[k][4 * h4 + 1] += kb[k][p] * qv.y;
+        s[k][4 * h4 + 2] += kb[k][p] * qv.z;
+        s[k][4 * h4 + 3] += kb[k][p] * qv.w;
+      }
     }
   }
-  // Online softmax per head; this chunk's weights go to threadgroup memory for the value pass.
-  float w[GP];
+  // Online softmax per head; the chunk's weights (0 for masked keys) go to threadgroup memory for the values.
+  float w[KEYS_PER_LANE][GP];
   UNROLL for (uint32_t h = 0; h < GP; ++h) {
-    w[h] = 0.0f;
+    UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) w[k][h] = 0.0f;
     if (h < G) {
-      const float score = LANE <= last ? s[h] : LOWEST;
-      const float top = SIMD_MAX(score);
+      float top = s[0][h];  // masked keys are copies of the chunk's last key: no change to its max
+      UNROLL for (uint32_t k = 1; k < KEYS_PER_LANE; ++k) top = s[k][h] > top ? s[k][h] : top;
+      top = SIMD_MAX(top);
       const float m_new = m[h] > top ? m[h] : top;
-      w[h] = LANE <= last ? EXP(score - m_new) : 0.0f;
       const float rescale = EXP(m[h] - m_new);
-      l[h] = l[h] * rescale + SIMD_SUM(w[h]);
+      l[h] *= rescale;
+      UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+        w[k][h] = 32 * k + LANE < count ? EXP(s[k][h] - m_new) : 0.0f;
+        l[h] += w[k][h];
+      }
       m[h] = m_new;
       UNROLL for (uint32_t i = 0; i < DPL; ++i) acc[h][i] *= rescale;
     }
   }
-  UNROLL for (uint32_t h4 = 0; h4 < G4; ++h4)
-    chunk_w[mine + LANE * G4 + h4] = FLOAT4(w[4 * h4], w[4 * h4 + 1], w[4 * h4 + 2], w[4 * h4 + 3]);
+  UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
+    UNROLL for (uint32_t h = 0; h < GP; h += 4)
+      chunk_w[mine + (32 * k + LANE) * G4 + h / 4] = FLOAT4(w[k][h], w[k][h + 1], w[k][h + 2], w[k][h + 3]);
+  }
   SIMD_BARRIER();
-  // Values: dims [DPL * LANE, DPL * LANE + DPL) of each key of the chunk (weight 0 past the end).
+  // Values: dims [DPL * LANE, DPL * LANE + DPL) of the chunk's keys, 8 at a time (weight 0 past its end).
   const uint32_t group = DPL * LANE / GS;
   const uint32_t word = LANE_BITS * LANE / 32;
   const uint32_t shift = LANE_BITS < 32 ? LANE_BITS * LANE % 32 : 0;
-  for (uint32_t j0 = 0; j0 < 32; j0 += 8) {
+  for (uint32_t j0 = 0; j0 < count; j0 += 8) {
     uint32_t vw[8][LANE_WORDS];
     float vs[8], vb[8];
     UNROLL for (uint32_t jj = 0; jj < 8; ++jj) {
-      const uint32_t vrow = row0 + c + (j0 + jj < last ? j0 + jj : last);
+      const uint32_t vrow = row0 + c + (j0 + jj < count ? j0 + jj : count - 1);
       UNROLL for (uint32_t k = 0; k < LANE_WORDS; ++k) vw[jj][k] = v_w[vrow * ROW_WORDS + word + k] >> shift;
       vs[jj] = float(v_s[vrow * ROW_GROUPS + group]);
       vb[jj] = float(v_b[vrow * ROW_GROUPS + group]);
@@ -153,6 +175,7 @@ for (uint32_t c = n0; c < n1; c += 32) {
   SIMD_BARRIER();
 }
 // Merge the SIMD-groups: M = max of their maxima, each scaled by e^(m - M).
+UNROLL for (uint32_t h = 0; h < G; ++h) l[h] = SIMD_SUM(l[h]);
 if (LANE == 0) {
   UNROLL for (uint32_t h = 0; h < G; ++h) {
     stats[(SIMD_IN_TG * GP + h) * 2] = m[h];

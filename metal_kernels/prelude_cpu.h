@@ -21,6 +21,7 @@
 #define SHARED(type, name, n) static type name[n]
 #define BARRIER() flashmoe_group->arrive_and_wait()
 #define EXP(v) std::exp(v)
+#define FMA(a, b, c) std::fma(a, b, c)  // one rounding, as on the GPUs (x86 without -mfma: in software)
 #define UNROLL _Pragma("GCC unroll 32")
 struct alignas(16) float4 { float x, y, z, w; };
 #define FLOAT4(a, b, c, d) float4{a, b, c, d}

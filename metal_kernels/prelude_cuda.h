@@ -10,6 +10,7 @@
 #define SHARED(type, name, n) __shared__ type name[n]
 #define BARRIER() __syncthreads()
 #define EXP(v) expf(v)
+#define FMA(a, b, c) fmaf(a, b, c)
 #define UNROLL _Pragma("unroll")
 #define FLOAT4(a, b, c, d) make_float4(a, b, c, d)
 #define SIMD_BARRIER() __syncwarp()

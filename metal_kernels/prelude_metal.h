@@ -13,6 +13,7 @@ using namespace metal;
 #define SHARED(type, name, n) threadgroup type name[n]
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define EXP(v) metal::exp(v)
+#define FMA(a, b, c) metal::fma(a, b, c)
 #define UNROLL _Pragma("unroll")
 #define FLOAT4(a, b, c, d) float4(a, b, c, d)
 #define SIMD_BARRIER() simdgroup_barrier(mem_flags::mem_threadgroup)

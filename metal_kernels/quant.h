@@ -19,16 +19,30 @@ DEVICE_FN constexpr int flashmoe_value_shift(int i) {
 template <int BITS>
 DEVICE_FN float flashmoe_prescale(int i) { return AS_FLOAT(uint32_t(127 - flashmoe_value_shift<BITS>(i)) << 23); }
 
-// Value i of a pack as q_i * 2^a_i.
+// Value i of a pack as 2^23 + q_i * 2^a_i (exact): the float whose mantissa holds the field.
 template <int BITS>
-DEVICE_FN float flashmoe_value(const THREAD uint32_t* words, int i) {
+DEVICE_FN float flashmoe_biased_value(const THREAD uint32_t* words, int i) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int bit = i * BITS, word = bit / 32, shift = bit % 32;
   uint32_t m;
   if (shift + BITS > 32) m = ((words[word] >> shift) | (words[word + 1] << (32 - shift))) & MASK;
   else if (shift + BITS <= 23) m = words[word] & (MASK << shift);
   else m = (words[word] >> 16) & (MASK << (shift - 16));
-  return AS_FLOAT(0x4B000000u | m) - 8388608.0f;
+  return AS_FLOAT(0x4B000000u | m);
+}
+
+// Value i of a pack as q_i * 2^a_i.
+template <int BITS>
+DEVICE_FN float flashmoe_value(const THREAD uint32_t* words, int i) {
+  return flashmoe_biased_value<BITS>(words, i) - 8388608.0f;
+}
+
+// scale * q_i * 2^a_i in as many instructions as flashmoe_value, given offset = -2^23 * scale (exact): one
+// FMA, whose product is exact, so 2^23 * scale cancels before its single rounding. (A multiply then an add
+// would round 2^23 * scale first and lose the field; hence FMA, never a * b + c left to the compiler.)
+template <int BITS>
+DEVICE_FN float flashmoe_scaled_value(const THREAD uint32_t* words, int i, float scale, float offset) {
+  return FMA(flashmoe_biased_value<BITS>(words, i), scale, offset);
 }
 
 // sum_i q_i * x_i over one pack, with xs[i] = x_i * flashmoe_prescale<BITS>(i).
