@@ -179,6 +179,7 @@ KEYS_PER_SIMD_GROUP = 64  # at least (and a whole chunk); fewer: more splits, wh
 TWO_KEYS_PER_LANE_MAX = 1024  # (padded heads per kv head) x (head dim) up to which a lane scores two keys per chunk:
 # its value accumulator is then <= 32 floats, which leaves room for a second key's registers (32 / 4 heads of dim
 # 128: 128 registers per thread on sm_90 either way at 4 bits); 32 / 2 heads of dim 256 spill even at one key.
+COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum this many splits (16 SIMD-groups at most)
 
 
 def split_shared_bytes(heads_per_kv: int, dim: int, warps: int, keys_per_lane: int) -> int:
@@ -186,6 +187,12 @@ def split_shared_bytes(heads_per_kv: int, dim: int, warps: int, keys_per_lane: i
     head), and per SIMD-group its chunk's weights, one merge row and its (max, sum) per padded head."""
     padded = -(-heads_per_kv // 4) * 4
     return 4 * (padded * (dim + dim // 32) + warps * (32 * keys_per_lane * padded + dim + 2 * padded))
+
+
+def combine_shared_bytes(splits: int, warps: int) -> int:
+    """Threadgroup memory that attention_decode_combine declares: a factor per split, and per SIMD-group a
+    partial vector of 32 dims, a max and a sum (at most 256 + 16 * 34 floats: always fits)."""
+    return 4 * (splits + 34 * warps)
 
 
 def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -> tuple[int, int, int] | None:
@@ -204,6 +211,11 @@ def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -
     while splits < 256 and keys >= 2 * splits * warps * per_simd_group and 2 * splits * batch_heads <= 1024:
         splits *= 2
     return splits, warps, keys_per_lane
+
+
+def combine_warps(splits: int) -> int:
+    """SIMD-groups per threadgroup of the combine pass."""
+    return min(16, -(-splits // COMBINE_SPLITS_PER_SIMD_GROUP))
 
 
 def supports_attention_decode(heads: int, kv_heads: int, dim: int, bits: int, group_size: int) -> bool:
@@ -235,8 +247,9 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
         b * hkv * splits * warps,
         threadgroup=32 * warps,
     ))
+    combine = combine_warps(splits)
     (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, d), q.dtype)},
-                           constants, b * hq * d // 32))
+                           {**constants, "WARPS": combine}, b * hq * d // 32 * combine, threadgroup=32 * combine))
     return out.reshape(b, hq, 1, d)
 
 

@@ -1,19 +1,48 @@
 // attention_decode, pass 2 of 2: merge the splits of pass 1. With M = max of the splits' maxima,
-// out[d] = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s. One SIMD-group per (batch, query head, 32
-// dims), lane = dim: the loads of o are coalesced and independent across splits (no serial chain of them).
+// out[d] = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s. One threadgroup of WARPS SIMD-groups per
+// (batch, query head, 32 dims). Its threads first find M, each split's factor e^(m_s - M) (one exp per
+// split, not per lane) and the denominator; then SIMD-group w sums splits w, w + WARPS, ... with lane = dim
+// (coalesced loads of o, independent of one another: no chain of loads or exps over all the splits), and
+// SIMD-group 0 adds up the WARPS partial vectors.
 // Inputs: o [B, HQ, SPLITS, D] float; ml [B, HQ, SPLITS, 2] float. Output: out [B, HQ, D] (T).
-// Template constants: T, HQ, D, SPLITS. B comes from o's shape.
-const uint32_t simd = TG * (TG_THREADS / 32) + SIMD_IN_TG;
-if (simd >= uint32_t(o_shape[0]) * HQ * (D / 32)) return;
-const uint32_t head = simd / (D / 32);  // (batch, query head)
-const uint32_t d = simd % (D / 32) * 32 + LANE;
+// Template constants: T, HQ, D, SPLITS, WARPS (threadgroup: 32 * WARPS). Grid: B * HQ * D / 32 threadgroups.
+// Threadgroup memory, in floats: SPLITS + WARPS * 34 (kernels.py counts it).
+constexpr uint32_t SHARE = (SPLITS + WARPS - 1) / WARPS;  // splits per SIMD-group, at most
+SHARED(float, factor, SPLITS);          // e^(m_s - M)
+SHARED(float, partial, WARPS * 32);     // per SIMD-group: its splits' sum, per dim
+SHARED(float, top_of, WARPS);           // per SIMD-group: the max of its threads' m_s
+SHARED(float, total_of, WARPS);         // per SIMD-group: its threads' share of the denominator
+const uint32_t tid = SIMD_IN_TG * 32 + LANE;
+const uint32_t head = TG / (D / 32);  // (batch, query head)
+const uint32_t d = TG % (D / 32) * 32 + LANE;
+const uint32_t first = head * SPLITS;  // row of its split 0 in o and ml
 float top = -3.0e38f;
-for (uint32_t s = LANE; s < SPLITS; s += 32) top = top > ml[(head * SPLITS + s) * 2] ? top : ml[(head * SPLITS + s) * 2];
+for (uint32_t s = tid; s < SPLITS; s += 32 * WARPS) top = top > ml[(first + s) * 2] ? top : ml[(first + s) * 2];
 top = SIMD_MAX(top);
-float total = 0.0f, v = 0.0f;
-for (uint32_t s = 0; s < SPLITS; ++s) {
-  const float f = EXP(ml[(head * SPLITS + s) * 2] - top);
-  total += f * ml[(head * SPLITS + s) * 2 + 1];
-  v += f * o[(head * SPLITS + s) * D + d];
+if (LANE == 0) top_of[SIMD_IN_TG] = top;
+BARRIER();
+UNROLL for (uint32_t w = 0; w < WARPS; ++w) top = top > top_of[w] ? top : top_of[w];
+float total = 0.0f;
+for (uint32_t s = tid; s < SPLITS; s += 32 * WARPS) {
+  factor[s] = EXP(ml[(first + s) * 2] - top);
+  total += factor[s] * ml[(first + s) * 2 + 1];
 }
-out[head * D + d] = T(v / total);
+total = SIMD_SUM(total);
+if (LANE == 0) total_of[SIMD_IN_TG] = total;
+BARRIER();
+float v = 0.0f;
+UNROLL for (uint32_t i = 0; i < SHARE; ++i) {
+  const uint32_t s = i * WARPS + SIMD_IN_TG;
+  if (s < SPLITS) v += factor[s] * o[(first + s) * D + d];
+}
+partial[tid] = v;
+BARRIER();
+if (SIMD_IN_TG == 0) {
+  float sum = 0.0f;
+  total = 0.0f;
+  UNROLL for (uint32_t w = 0; w < WARPS; ++w) {
+    sum += partial[w * 32 + LANE];
+    total += total_of[w];
+  }
+  out[head * D + d] = T(sum / total);
+}
