@@ -1,11 +1,13 @@
 """Runs the Metal kernel bodies on the CPU: each body is compiled with g++ against metal_kernels/prelude_cpu.h
 (threads for SIMD lanes, barriers for SIMD sums) and called through ctypes. A drop-in `runner` for
-flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take."""
+flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take. Also measures a body's threadgroup
+memory (`shared_bytes`), to hold the wrappers' accounting of it to what the body declares."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import subprocess
 import tempfile
 from functools import lru_cache
@@ -81,3 +83,11 @@ def run_emulated(launch: Launch) -> list[mx.array]:
     pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
     return [mx.array(o) for o in outputs]
+
+
+def shared_bytes(launch: Launch) -> int:
+    """Threadgroup memory that the body declares for `launch`'s constants: the C++ prelude makes each SHARED
+    array a static local of `body`, so the compiled library's symbol table lists them with their sizes."""
+    library = _compile(_source(launch))._name
+    symbols = subprocess.run(["nm", "-S", "-C", library], capture_output=True, text=True, check=True).stdout
+    return sum(int(size, 16) for size in re.findall(r"^[0-9a-f]+ ([0-9a-f]+) [bBdD] body\(.*\)::\w+$", symbols, re.M))

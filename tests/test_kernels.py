@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from kernel_emulator import run_emulated
+from kernel_emulator import run_emulated, shared_bytes
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from flashmoe_mlx import kernels
@@ -97,14 +97,29 @@ def test_decode_path_runs_the_kernel_end_to_end(mlx_checkpoint):
     assert calls.count("expert_swiglu_gate_up") == calls.count("expert_swiglu_down") == 3 * 2
 
 
+def checking_shared_memory(launch):
+    """run_emulated, after holding kernels.py's count of the launch's threadgroup memory to what the body
+    declares (exact, and within SHARED_BYTES)."""
+    c = launch.constants
+    if launch.kernel == "attention_decode_split":
+        counted = kernels.split_shared_bytes(c["HQ"] // c["HKV"], c["D"], c["WARPS"], c["KEYS_PER_LANE"])
+    else:
+        counted = kernels.combine_shared_bytes(c["SPLITS"], c["WARPS"])
+    assert shared_bytes(launch) == counted <= kernels.SHARED_BYTES
+    return run_emulated(launch)
+
+
 @pytest.mark.parametrize("batch, q_heads, kv_heads, keys, dim, bits, group_size", [
-    (1, 4, 1, 40, 64, 4, 64),      # GQA 4:1; keys not a multiple of 32
-    (2, 2, 2, 300, 128, 8, 32),    # two splits, one partly empty chunk
-    (1, 8, 2, 1100, 64, 4, 32),    # eight splits
-    (1, 2, 1, 7, 256, 8, 64),      # fewer keys than lanes, head dim 256
-    (1, 16, 2, 600, 128, 4, 64),   # GQA 8:1: two heads per merge round
-    (1, 10, 2, 530, 64, 8, 32),    # GQA 5:1: a last merge round of one head
-    (1, 4, 2, 70, 256, 4, 128),    # a lane's value dims fill one word
+    (1, 4, 1, 40, 64, 4, 64),       # GQA 4:1; 40 keys: one chunk of 64, lanes' second keys partly masked
+    (2, 2, 2, 300, 128, 8, 32),     # GQA 1:1, batch 2; a SIMD-group's last chunk of 64 holds 44 keys
+    (1, 8, 2, 1100, 64, 4, 32),     # two splits, each ending in a partial chunk
+    (1, 2, 1, 7, 256, 8, 64),       # fewer keys than lanes, head dim 256
+    (1, 16, 2, 600, 128, 4, 64),    # GQA 8:1 at dim 128: the 32/4-head benchmark's split layout
+    (1, 10, 2, 530, 64, 8, 32),     # GQA 5:1: heads padded to 8
+    (1, 4, 2, 70, 256, 4, 128),     # a lane's value dims fill one word
+    (1, 2, 2, 2200, 64, 8, 32),     # GQA 1:1, four splits
+    (1, 16, 1, 4500, 128, 8, 64),   # one key per lane (16 heads x dim 128), 16 splits: two combine SIMD-groups
+    (1, 32, 2, 2100, 256, 4, 64),   # the 32/2-head, dim-256 benchmark's split layout, 16 splits
 ])
 def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads, keys, dim, bits, group_size):
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
@@ -116,13 +131,42 @@ def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads,
     k = mx.quantize(mx.array(rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32)), group_size, bits)
     v = mx.quantize(mx.array(rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32)), group_size, bits)
     scale = dim ** -0.5
-    got = attention_decode(q, k, v, scale, group_size, bits, runner=run_emulated)
+    got = attention_decode(q, k, v, scale, group_size, bits, runner=checking_shared_memory)
     want = attention_decode_reference(q, k, v, scale, group_size, bits)
     assert got.shape == want.shape and np.isfinite(np.array(got)).all()
     assert mx.abs(got - want).max().item() <= 1e-4
     # The reference agrees with mlx-lm's own quantized attention (the CPU path the kernel replaces).
     mlx_lm_out = quantized_scaled_dot_product_attention(q, k, v, scale=scale, mask=None, group_size=group_size, bits=bits)
     assert mx.abs(mlx_lm_out - want).max().item() <= 1e-4
+
+
+def test_attention_decode_combine_body_takes_uneven_shares():
+    """The combine body over any SPLITS and WARPS (the wrapper only makes powers of two): 13 splits on 3
+    SIMD-groups (shares of 5, 4, 4), maxima far apart, and an empty split (max -3e38, sum 0, vector 0)."""
+    batch, heads, dim, splits, warps = 2, 3, 64, 13, 3
+    rng = np.random.default_rng(13)
+    o = rng.standard_normal((batch, heads, splits, dim)).astype(np.float32)
+    ml = np.stack([rng.uniform(-30, 30, (batch, heads, splits)), rng.uniform(1, 50, (batch, heads, splits))], -1)
+    ml = ml.astype(np.float32)
+    o[:, :, 4], ml[:, :, 4] = 0.0, (-3.0e38, 0.0)
+    launch = kernels.Launch("attention_decode_combine", {"o": mx.array(o), "ml": mx.array(ml)},
+                            {"out": ((batch, heads, dim), mx.float32)},
+                            {"T": mx.float32, "HQ": heads, "D": dim, "SPLITS": splits, "WARPS": warps},
+                            batch * heads * dim // 32 * warps, threadgroup=32 * warps)
+    (got,) = checking_shared_memory(launch)
+    factor = np.exp(ml[..., 0] - ml[..., 0].max(-1, keepdims=True))
+    want = (factor[..., None] * o).sum(-2) / (factor * ml[..., 1]).sum(-1)[..., None]
+    assert np.isfinite(np.array(got)).all() and np.abs(np.array(got) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_attention_layout_of_the_benchmark_shapes():
+    """One token over 32768 keys: two keys per lane at 32/4 heads of dim 128, one at 32/2 of dim 256 (where
+    the accumulator alone is 128 floats per lane); each SIMD-group a chunk or two; both fit threadgroup memory."""
+    from flashmoe_mlx.kernels import attention_layout, combine_warps, split_shared_bytes
+
+    assert attention_layout(4, 32768, 8, 128) == (64, 8, 2) and combine_warps(64) == 8
+    assert attention_layout(2, 32768, 16, 256) == (256, 2, 1) and combine_warps(256) == 16
+    assert split_shared_bytes(8, 128, 8, 2) == 25216 and split_shared_bytes(16, 256, 2, 1) == 23296
 
 
 def test_attention_decode_shapes_the_kernel_does_not_take_run_the_reference():
