@@ -11,7 +11,7 @@ plus a sweep of rows per SIMD-group. GB/s counts the active expert bytes (weight
 experts); the bound is the card's copy bandwidth measured here.
 
 attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
-mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split count).
+mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split count) and of keys per lane.
 """
 
 from __future__ import annotations
@@ -145,13 +145,15 @@ def rows_sweep(combos=((4, 8, 8), (4, 4, 8), (2, 4, 8), (8, 4, 8), (4, 4, 16), (
 
 
 def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
-    """attention_decode's ms at other minimum keys per SIMD-group (fewer: more splits), both shapes."""
+    """attention_decode's ms at other minimum keys per SIMD-group (fewer: more splits), each with one and with
+    two keys per lane in every shape (the layout's own pick, TWO_KEYS_PER_LANE_MAX, is one of the two)."""
     out = []
     for keys in choices:
-        with tuned(KEYS_PER_SIMD_GROUP=keys):
-            ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
-                  attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
-        out.append({"keys_per_simd_group": keys, "ms": ms})
+        for keys_per_lane in (1, 2):
+            with tuned(KEYS_PER_SIMD_GROUP=keys, TWO_KEYS_PER_LANE_MAX=0 if keys_per_lane == 1 else 1 << 30):
+                ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
+                      attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
+            out.append({"keys_per_simd_group": keys, "keys_per_lane": keys_per_lane, "ms": ms})
     return out
 
 
@@ -246,9 +248,10 @@ def main():
                 print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
                       f"| {attn['fmas'] / ms / 1e9:.1f} |")
         result["keys_sweep"] = keys_sweep()
-        print("\n| min keys per SIMD-group | ms (32/4 heads, dim 128) | ms (32/2 heads, dim 256) |\n|---|---|---|")
+        print("\n| min keys per SIMD-group | keys per lane | ms (32/4 heads, dim 128) | ms (32/2 heads, dim 256) |"
+              "\n|---|---|---|---|")
         for r in result["keys_sweep"]:
-            print(f"| {r['keys_per_simd_group']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
+            print(f"| {r['keys_per_simd_group']} | {r['keys_per_lane']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
     if args.only == "attention":
         if args.json:
             with open(args.json, "w") as f:
