@@ -175,7 +175,7 @@ for (uint32_t c = n0; c < n1; c += CHUNK) {
   SIMD_BARRIER();
 }
 // Merge the SIMD-groups: M = max of their maxima, each scaled by e^(m - M).
-UNROLL for (uint32_t h = 0; h < G; ++h) l[h] = SIMD_SUM(l[h]);
+UNROLL for (uint32_t h = 0; h < G; ++h) l[h] = SIMD_SUM(l[h]);  // the lanes' shares: the SIMD-group's sum
 if (LANE == 0) {
   UNROLL for (uint32_t h = 0; h < G; ++h) {
     stats[(SIMD_IN_TG * GP + h) * 2] = m[h];

@@ -90,4 +90,5 @@ def shared_bytes(launch: Launch) -> int:
     array a static local of `body`, so the compiled library's symbol table lists them with their sizes."""
     library = _compile(_source(launch))._name
     symbols = subprocess.run(["nm", "-S", "-C", library], capture_output=True, text=True, check=True).stdout
-    return sum(int(size, 16) for size in re.findall(r"^[0-9a-f]+ ([0-9a-f]+) [bBdD] body\(.*\)::\w+$", symbols, re.M))
+    sizes = re.findall(r"^[0-9a-f]+ ([0-9a-f]+) [bBdD] body\(.*\)::\w+$", symbols, re.MULTILINE)
+    return sum(int(size, 16) for size in sizes)
