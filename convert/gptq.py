@@ -28,13 +28,15 @@ def damped(hessian: mx.array, damping: float = DAMPING) -> mx.array:
 
 
 def inverse_factor(hessian: mx.array) -> mx.array:
-    """Upper Cholesky factor of damped(H)^-1 for each [in, in] matrix of `hessian` [E, in, in], damping
-    more where float32 rounding leaves H short of positive definite."""
+    """Upper Cholesky factor of damped(H)^-1 for each [in, in] matrix of `hessian` [E, in, in], damping more
+    where H is still short of positive definite. In float64 through numpy's LAPACK: at in = 4096 MLX's CPU
+    linalg took 31 s per expert here, numpy 3 s."""
     for damping in (DAMPING, 0.1, 1.0):
-        lower = mx.linalg.cholesky(damped(hessian, damping), stream=mx.cpu)
-        factor = mx.linalg.cholesky(mx.linalg.cholesky_inv(lower, stream=mx.cpu), upper=True, stream=mx.cpu)
-        if mx.all(mx.isfinite(factor)).item():
-            return factor
+        h = np.array(damped(hessian, damping), dtype=np.float64)
+        try:
+            return mx.array(np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1).astype(np.float32))
+        except np.linalg.LinAlgError:
+            continue
     raise ValueError("calibration statistics are not positive definite even with heavy damping")
 
 
