@@ -64,8 +64,9 @@ def _source_dtype(config: dict, requested: str | None):
 
 class Converter:
     def __init__(self, source: Source, precision: Precision | None, dtype: str | None,
-                 calibration: CalibrationText | None = None):
+                 calibration: CalibrationText | None = None, progress: bool = False):
         self.source = source
+        self.progress = progress  # per-expert bars inside a layer, where a layer takes minutes (GPTQ)
         self.config = source.config
         self.model_type = self.config.get("model_type", "?")
         self.model = build_model(self.config)
@@ -249,7 +250,12 @@ class Converter:
         else:
             def quantize(chunk, first):
                 return mx.quantize(chunk, **grid, mode=spec["mode"])
-        parts = [quantize(w[e : e + step], e) for e in range(0, w.shape[0], step)]
+        parts = []
+        with tqdm(total=w.shape[0], desc=f"  {proj} (GPTQ)", unit="expert", leave=False,
+                  disable=not (self.progress and inputs is not None)) as bar:
+            for e in range(0, w.shape[0], step):
+                parts.append(quantize(w[e : e + step], e))
+                bar.update(parts[-1][0].shape[0])
         out = []
         for i in range(len(parts[0])):
             pieces = []
@@ -364,7 +370,7 @@ def convert(
         raise ConvertError("give exactly one of hf_path / mlx_path")
     out = Path(out)
     source = open_source(hf_path or mlx_path, expect_quantized=mlx_path is not None)
-    converter = Converter(source, precision or Precision(), dtype, calibration)
+    converter = Converter(source, precision or Precision(), dtype, calibration, progress)
     staging = Staging(out, converter.job(), resume=resume, overwrite=overwrite)
 
     def check(record):
