@@ -131,7 +131,7 @@ def tuned(**values):
             setattr(kernels, name, value)
 
 
-def rows_sweep(combos=((4, 8, 8), (4, 4, 8), (2, 4, 8), (8, 4, 8), (4, 4, 16), (4, 4, 4))) -> list[dict]:
+def rows_sweep(combos=((2, 8, 8), (4, 8, 8), (4, 4, 8), (2, 4, 8), (8, 4, 8), (4, 4, 16), (4, 4, 4))) -> list[dict]:
     """The fused path's ms per layer, compiled (so the GPU, not the host, sets the pace), for other
     (UP_ROWS, UP_WARPS, DOWN_ROWS), 4-bit, in one run."""
     out = []

@@ -19,8 +19,11 @@ import mlx.nn as nn
 
 PROLOGUE_MARK = "// ---- prologue ----"
 THREADGROUP = 128  # 4 SIMD-groups
-UP_ROWS, DOWN_ROWS = 4, 8  # output rows per SIMD-group (the bodies' ROWS): 8 and 8 weight chunks in flight per lane
-UP_WARPS = 4  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
+# Output rows per SIMD-group (the bodies' ROWS): 4 and 8 weight chunks in flight per lane. Pass 1 is bound by
+# load latency, so it takes few rows for many SIMD-groups (H200, gate+up at Qwen3.5's shape: 28.4 us at
+# (UP_ROWS, UP_WARPS) = (2, 8), 34.7 at (4, 4); docs/BENCHMARKS.md).
+UP_ROWS, DOWN_ROWS = 2, 8
+UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
 MAX_HIDDEN = 7680  # pass 1 stages 34/32 floats per activation: 30.6 KiB of the 32 KiB Metal guarantees
 MAX_DECODE_TOKENS = 4
 

@@ -3,9 +3,11 @@
 // x_t in threadgroup memory once (as floats, pre-scaled, padded to 33 per pack so the 32 lanes reading 32
 // different packs hit 32 different banks), then each SIMD-group computes ROWS rows of one expert. Lanes take
 // whole 32-value packs (p = LANE + 32 n): a row is read in coalesced 16-byte loads, and per pack all 2 * ROWS
-// weight chunks are loaded before any arithmetic so their latencies overlap. (Also loading the next pack
-// during this one's arithmetic was measured slower on an H200: the registers it takes halve occupancy.)
-// Float accumulation.
+// weight chunks are loaded before any arithmetic so their latencies overlap. The kernel is bound by load
+// latency, not arithmetic (on an H200 its loads alone take 83% of its time), so what counts is how many
+// SIMD-groups are resident: x_i is read from threadgroup memory as each value needs it, not copied into 32
+// registers, and few rows per SIMD-group (kernels.UP_ROWS) make many SIMD-groups. (Loading the next pack during
+// this one's arithmetic, or two packs at once, measured no faster.) Float accumulation.
 // h is written pack-transposed, h[t, j, i * I/32 + p] for row 32 p + i, so that pass 2's lanes, one pack
 // each, read it coalesced.
 // Inputs: x [NT, H] (T); gate_w/up_w [S, I, H*BITS_UP/32] uint32; gate_s/gate_b/up_s/up_b [S, I, H/GS_UP] (T);
@@ -47,12 +49,19 @@ for (uint32_t p = LANE; p < PACKS; p += 32) {
   float gs[ROWS], gb[ROWS], us[ROWS], ub[ROWS];
   flashmoe_load_pack<BITS_UP, ROWS, ALIGN>(gate_w, gate_s, gate_b, rows, ROW_WORDS, ROW_GROUPS, p, p * 32 / GS_UP, gw, gs, gb);
   flashmoe_load_pack<BITS_UP, ROWS, ALIGN>(up_w, up_s, up_b, rows, ROW_WORDS, ROW_GROUPS, p, p * 32 / GS_UP, uw, us, ub);
-  float xs[32];
-  UNROLL for (int i = 0; i < 32; ++i) xs[i] = xs_all[p * 33 + i];
+  float pg[ROWS], pu[ROWS];
+  UNROLL for (uint32_t r = 0; r < ROWS; ++r) { pg[r] = 0.0f; pu[r] = 0.0f; }
+  UNROLL for (int i = 0; i < 32; ++i) {
+    const float xi = xs_all[p * 33 + i];
+    UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
+      pg[r] += flashmoe_value<BITS_UP>(gw + r * BITS_UP, i) * xi;
+      pu[r] += flashmoe_value<BITS_UP>(uw + r * BITS_UP, i) * xi;
+    }
+  }
   const float xsum = xsums[p];
   UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
-    g[r] += gs[r] * flashmoe_pack_dot<BITS_UP>(gw + r * BITS_UP, xs) + gb[r] * xsum;
-    u[r] += us[r] * flashmoe_pack_dot<BITS_UP>(uw + r * BITS_UP, xs) + ub[r] * xsum;
+    g[r] += gs[r] * pg[r] + gb[r] * xsum;
+    u[r] += us[r] * pu[r] + ub[r] * xsum;
   }
 }
 UNROLL for (uint32_t r = 0; r < ROWS; ++r) {

@@ -54,6 +54,25 @@ def test_expert_swiglu_metal_body_matches_reference(hidden, inter, slots, tokens
     assert mx.abs(expert_swiglu_reference(x, pool, slot_ids) - pool(x, slot_ids)).max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("up_rows, up_warps, down_rows", [(4, 4, 8), (8, 4, 16), (1, 8, 4)])
+def test_expert_swiglu_bodies_at_other_launch_tunings(up_rows, up_warps, down_rows, monkeypatch):
+    """The bodies stay exact at the row and SIMD-group counts the benchmark sweeps (not only the shipped ones),
+    on rows that do not fill a block and a row of 33 packs."""
+    from flashmoe_mlx import kernels
+
+    for name, value in (("UP_ROWS", up_rows), ("UP_WARPS", up_warps), ("DOWN_ROWS", down_rows)):
+        monkeypatch.setattr(kernels, name, value)
+    hidden, inter, slots, tokens, k, up_bits, down_bits, group_size = 1056, 96, 4, 2, 3, 4, 3, 32
+    pool = quantized_pool(hidden, inter, slots, up_bits, down_bits, group_size, seed=up_rows)
+    rng = np.random.default_rng(up_warps)
+    x = mx.array(rng.standard_normal((tokens, hidden)).astype(np.float32))
+    slot_ids = mx.array(rng.integers(0, slots, (tokens, k)).astype(np.uint32))
+    weights = mx.array(rng.random((tokens, k)).astype(np.float32))
+    got = expert_swiglu(x, pool, slot_ids, weights, runner=run_emulated)
+    want = expert_swiglu_reference(x, pool, slot_ids, weights)
+    assert mx.abs(got - want).max().item() <= 1e-4 * max(1.0, mx.abs(want).max().item())
+
+
 def test_pools_the_kernel_does_not_take_run_the_reference():
     from flashmoe_mlx.kernels import MAX_HIDDEN, supports_expert_swiglu
 
