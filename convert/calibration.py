@@ -123,13 +123,11 @@ class ExpertInputs:
     def _gram(self, proj: str, expert: int) -> tuple[mx.array, int]:
         """(X^T X, n) over the tokens routed to `expert`, X being what `proj` multiplies."""
         tokens = self._tokens[expert]
-        if proj == "down_proj":
-            x = self._down_inputs(expert) if len(tokens) else None
-        else:
-            x = self.x[mx.array(tokens)] if len(tokens) else None
-        dims = self.x.shape[1] if proj != "down_proj" else self.block.down_proj.weight.shape[-1]
-        gram = x.T @ x if x is not None else mx.zeros((dims, dims))
-        return gram, len(tokens)
+        if not len(tokens):
+            dims = getattr(self.block, proj).weight.shape[-1]
+            return mx.zeros((dims, dims)), 0
+        x = self._down_inputs(expert) if proj == "down_proj" else self.x[mx.array(tokens)]
+        return x.T @ x, len(tokens)
 
     def _prior(self, proj: str) -> mx.array:
         """The layer-wide H: over every (token, chosen expert) pair."""

@@ -241,6 +241,37 @@ def test_calibration_sees_what_the_model_computes(family, hf_checkpoint, tmp_pat
     assert checked == sorted(seen)
 
 
+def test_expert_input_statistics_match_numpy():
+    """Each expert's H for --calibrate: X^T X / n over the tokens routed to it plus PRIOR x the layer-wide H
+    (gate/up: over x; down_proj: over the SwiGLU outputs of every routed pair), in numpy from the same
+    tensors; an expert no token reached gets the prior alone."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from flashmoe_mlx.convert.calibration import PRIOR, ExpertInputs
+
+    rng = np.random.default_rng(0)
+    hidden, inter, experts, k, n = 16, 8, 5, 2, 40
+    block = SwitchGLU(hidden, inter, experts)
+    x = rng.standard_normal((n, hidden)).astype(np.float32)
+    ids = np.stack([rng.choice([0, 1, 2, 4], k, replace=False) for _ in range(n)])  # expert 3: never chosen
+    inputs = ExpertInputs(mx.array(x), ids, block)
+    wg, wu = (np.array(getattr(block, p).weight) for p in ("gate_proj", "up_proj"))
+
+    def swiglu(e, rows):
+        g, u = rows @ wg[e].T, rows @ wu[e].T
+        return g / (1 + np.exp(-g)) * u
+
+    routed = [(t, e) for t in range(n) for e in ids[t]]
+    down_prior = sum(np.outer(swiglu(e, x[t]), swiglu(e, x[t])) for t, e in routed) / len(routed)
+    for e in range(experts):
+        rows = x[[t for t, chosen in routed if chosen == e]]
+        gate = (rows.T @ rows / max(len(rows), 1)) + PRIOR * x.T @ x / n
+        h = swiglu(e, rows) if len(rows) else np.zeros((0, inter))
+        down = (h.T @ h / max(len(rows), 1)) + PRIOR * down_prior
+        np.testing.assert_allclose(np.array(inputs.hessians("gate_proj", range(e, e + 1))[0]), gate, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(inputs.hessians("down_proj", range(e, e + 1))[0]), down, rtol=1e-4, atol=1e-5)
+
+
 def _random_text(tokenizer, model, seed: int, tokens: int) -> str:
     """Text decoded from random token ids: calibration and held-out text from one distribution."""
     vocab = min(len(tokenizer.get_vocab()), module_at(model, "model.embed_tokens").weight.shape[0])
