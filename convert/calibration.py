@@ -58,13 +58,29 @@ class CalibrationText:
         return {"method": "gptq", "text_sha256": hashlib.sha256(data).hexdigest(), "tokens": self.tokens}
 
 
+LONG_TEXT_CHARS = 32 << 20  # longer texts are tokenized piecewise (all at once, 1 GB is ~250M ids in lists)
+SAMPLE_CHARS = 1 << 20  # text measured for its characters per token before a long text is cut into pieces
+
+
 def token_windows(tokenizer, text: str, tokens: int, where: str) -> np.ndarray:
-    """[windows, WINDOW] token ids: up to tokens // WINDOW whole windows, spread evenly over the text."""
+    """[windows, WINDOW] token ids: up to tokens // WINDOW whole windows, spread evenly over the text. A text
+    over LONG_TEXT_CHARS (a user's document collection) is tokenized only where windows are taken: at evenly
+    spaced pieces long enough for one window each."""
+    wanted = tokens // WINDOW
+    if len(text) > LONG_TEXT_CHARS:
+        sample = text[:SAMPLE_CHARS]
+        chars_per_token = len(sample) / max(1, len(tokenizer.encode(sample)))
+        piece = int(2 * WINDOW * chars_per_token) + 1  # twice what one window takes, on the sample's measure
+        starts = np.linspace(0, len(text) - piece, wanted).astype(np.int64)
+        windows = [ids[:WINDOW] for ids in (tokenizer.encode(text[s : s + piece]) for s in starts) if len(ids) >= WINDOW]
+        if not windows:
+            raise CalibrationError(f"{where}: no piece of {piece} characters holds {WINDOW} tokens")
+        return np.array(windows, np.int64)
     ids = np.asarray(tokenizer.encode(text), np.int64)
     available = len(ids) // WINDOW
     if available == 0:
         raise CalibrationError(f"{where}: {len(ids)} tokens; calibration needs at least {WINDOW}")
-    count = min(available, tokens // WINDOW)
+    count = min(available, wanted)
     starts = np.unique(np.linspace(0, available - 1, count).round().astype(np.int64)) * WINDOW
     return np.stack([ids[s : s + WINDOW] for s in starts])
 

@@ -272,6 +272,25 @@ def test_expert_input_statistics_match_numpy():
         np.testing.assert_allclose(np.array(inputs.hessians("down_proj", range(e, e + 1))[0]), down, rtol=1e-4, atol=1e-5)
 
 
+def test_long_calibration_text_is_sampled_in_pieces(monkeypatch):
+    """A text over LONG_TEXT_CHARS is tokenized only at evenly spaced pieces: whole windows, one per piece,
+    from the start to the end of the text (each marked section of it is reached)."""
+    from flashmoe_mlx.convert import calibration
+
+    class Words:  # one token per word: ids say which section of the text a window came from
+        def encode(self, text):
+            return [int(w[1:]) for w in text.split()[1:-1]]  # the first and last words may be cut: dropped
+
+    monkeypatch.setattr(calibration, "LONG_TEXT_CHARS", 10_000)
+    monkeypatch.setattr(calibration, "SAMPLE_CHARS", 5_000)
+    text = " ".join(f"s{i // 2000}" for i in range(20_000))  # 10 sections of 2000 words
+    windows = calibration.token_windows(Words(), text, 10 * calibration.WINDOW, "text")
+    assert windows.shape == (10, calibration.WINDOW)
+    assert sorted({int(w[0]) for w in windows}) == list(range(10))
+    short = calibration.token_windows(Words(), text[:5_000], 10 * calibration.WINDOW, "text")  # all at once
+    assert short.shape[1] == calibration.WINDOW and len(short) >= 1
+
+
 def _random_text(tokenizer, model, seed: int, tokens: int) -> str:
     """Text decoded from random token ids: calibration and held-out text from one distribution."""
     vocab = min(len(tokenizer.get_vocab()), module_at(model, "model.embed_tokens").weight.shape[0])
