@@ -297,20 +297,18 @@ def _random_text(tokenizer, model, seed: int, tokens: int) -> str:
     return tokenizer.decode(np.random.default_rng(seed).integers(3, vocab, tokens).tolist())
 
 
-def test_convert_calibrate_brings_the_model_closer_to_its_source(hf_checkpoint, tmp_path):
-    """--calibrate: on held-out text like the calibration text, logits nearer the float32 source's than
-    round-to-nearest and --search give at the same bits; the calibration is recorded in the config."""
-    src = hf_checkpoint("qwen3_moe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_calibrate_brings_the_model_closer_to_its_source(family, hf_checkpoint, tmp_path):
+    """--calibrate: on held-out text like the calibration text, logits much nearer the float32 source's than
+    round-to-nearest gives at the same bits, in every family; the calibration is recorded in the config."""
+    src = hf_checkpoint(family)
     source, tokenizer = mlx_load(str(src))
     text = tmp_path / "calibration.txt"
-    text.write_text(_random_text(tokenizer, source, 0, 4000))
+    text.write_text(_random_text(tokenizer, source, 0, 3000))
+    precision = Precision.from_flags(bits=8, expert_bits=3)
     outs = {
-        "rtn": convert(tmp_path / "rtn", hf_path=str(src), progress=False,
-                       precision=Precision.from_flags(bits=8, expert_bits=3)),
-        "search": convert(tmp_path / "search", hf_path=str(src), progress=False,
-                          precision=Precision.from_flags(bits=8, expert_bits=3, search=True)),
-        "gptq": convert(tmp_path / "gptq", hf_path=str(src), progress=False,
-                        precision=Precision.from_flags(bits=8, expert_bits=3),
+        "rtn": convert(tmp_path / "rtn", hf_path=str(src), progress=False, precision=precision),
+        "gptq": convert(tmp_path / "gptq", hf_path=str(src), progress=False, precision=precision,
                         calibration=CalibrationText(str(text), tokens=2048)),
     }
     recipe = json.loads((outs["gptq"] / "config.json").read_text())["flashmoe"]["recipe"]
@@ -323,7 +321,7 @@ def test_convert_calibrate_brings_the_model_closer_to_its_source(hf_checkpoint, 
         return sum(((model(ids) - source(ids)) ** 2).mean().item() for ids in held_out)
 
     errors = {name: logit_error(path) for name, path in outs.items()}
-    assert errors["gptq"] < 0.6 * errors["search"] and errors["search"] < errors["rtn"], errors
+    assert errors["gptq"] < 0.6 * errors["rtn"], errors
     verify_checkpoint(outs["gptq"])
 
 
