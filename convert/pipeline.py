@@ -43,6 +43,7 @@ from .staging import Staging, disk_error
 CAST_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 CHUNK_BYTES = 256 << 20  # experts are quantized this many source bytes at a time
 HESSIAN_BYTES = 512 << 20  # and, when calibrated, this many bytes of their inputs' H at a time
+SHARED_INPUT = ("gate_proj", "up_proj")  # expert projections that multiply the same inputs
 _EMPTY = mx.zeros((0,))
 
 
@@ -207,21 +208,27 @@ class Converter:
     def _expert_tensors(self, block: ExpertBlock, keys: list[str],
                         inputs: ExpertInputs | None) -> tuple[dict[str, np.ndarray], dict]:
         """Stacked expert tensors as numpy ({'gate_proj.weight': [E, ...], ...}) and their precision."""
-        arrays, dtypes, quant = {}, {}, {}
+        arrays, dtypes = {}, {}
         names = sorted(k[len(block.path) + 1 :] for k in keys)
-        for proj in sorted({n.split(".")[0] for n in names}):
-            spec = self._expert_precision(block, proj, names)
-            quant[proj] = spec or {}
-            for name in [n for n in names if n.split(".")[0] == proj]:
-                src = self.weights[f"{block.path}.{name}"]
-                if name.endswith(".weight") and self.plan is not None and spec:
-                    out = self._quantize_experts(src, spec, proj, inputs)
+        specs = {proj: self._expert_precision(block, proj, names) for proj in sorted({n.split(".")[0] for n in names})}
+        if self.plan is not None:
+            # gate_proj and up_proj multiply the same inputs: at one precision they are quantized as one stack of
+            # rows (calibrated: one factor of their shared H). Rows are independent, so the bytes are the same.
+            batches = [[proj] for proj, spec in specs.items() if spec and proj not in SHARED_INPUT]
+            shared = [proj for proj in SHARED_INPUT if specs.get(proj)]
+            same = len(shared) == 2 and specs[shared[0]] == specs[shared[1]]
+            batches += [shared] if same else [[proj] for proj in shared]
+            for batch in batches:
+                weights = [self.weights[f"{block.path}.{proj}.weight"] for proj in batch]
+                for proj, out in zip(batch, self._quantize_experts(weights, specs[batch[0]], batch, inputs)):
                     for part, value in zip(("weight", "scales", "biases"), out):
                         arrays[f"{proj}.{part}"], dtypes[f"{proj}.{part}"] = value
-                else:
-                    mx.eval(src)
-                    arrays[name], dtypes[name] = _to_numpy(src)
-        return {n: (arrays[n], dtypes[n]) for n in arrays}, quant
+        for name in names:
+            if name not in arrays:  # unquantized tensors (linear biases), and every tensor of an mlx-lm repack
+                src = self.weights[f"{block.path}.{name}"]
+                mx.eval(src)
+                arrays[name], dtypes[name] = _to_numpy(src)
+        return {n: (arrays[n], dtypes[n]) for n in arrays}, {proj: spec or {} for proj, spec in specs.items()}
 
     def _expert_precision(self, block: ExpertBlock, proj: str, names: list[str]) -> dict | None:
         path = f"{block.path}.{proj}"
@@ -233,29 +240,32 @@ class Converter:
         return projection_quant(self.config["quantization"], path, block.shapes[proj][2], weight.shape, scales.shape,
                                 str(scales.dtype).split(".")[-1])
 
-    def _quantize_experts(self, w: mx.array, spec: dict, proj: str,
-                          inputs: ExpertInputs | None) -> list[tuple[np.ndarray, str]]:
-        """Quantize [E, out, in] in chunks of experts; experts are independent, so this equals one call."""
-        mx.eval(w)
-        step = max(1, CHUNK_BYTES // max(1, w[0].nbytes))
+    def _quantize_experts(self, weights: list[mx.array], spec: dict, projs: list[str],
+                          inputs: ExpertInputs | None) -> list[list[tuple[np.ndarray, str]]]:
+        """Quantize stacked experts [E, out_i, in] that share their input as one stack of rows, in chunks of
+        experts (experts and rows are independent, so this equals one call per matrix). Per matrix: its
+        (weight, scales, biases) as numpy."""
+        mx.eval(weights)
+        step = max(1, CHUNK_BYTES // max(1, sum(w[0].nbytes for w in weights)))
         grid = {"group_size": spec["group_size"], "bits": spec["bits"]}
         if inputs is not None and spec["mode"] == "affine":
-            step = max(1, min(step, HESSIAN_BYTES // (4 * w.shape[-1] ** 2)))
+            step = max(1, min(step, HESSIAN_BYTES // (4 * weights[0].shape[-1] ** 2)))
 
             def quantize(chunk, first):
-                return quantize_gptq(chunk, inputs.hessians(proj, range(first, first + len(chunk))), **grid)
+                return quantize_gptq(chunk, inputs.hessians(projs[0], range(first, first + len(chunk))), **grid)
         elif self.precision.expert_search and spec["mode"] == "affine":
             def quantize(chunk, first):
                 return quantize_searched(chunk, **grid)
         else:
             def quantize(chunk, first):
                 return mx.quantize(chunk, **grid, mode=spec["mode"])
-        parts = []
-        with tqdm(total=w.shape[0], desc=f"  {proj} (GPTQ)", unit="expert", leave=False,
+        parts, experts = [], weights[0].shape[0]
+        with tqdm(total=experts, desc=f"  {'+'.join(projs)} (GPTQ)", unit="expert", leave=False,
                   disable=not (self.progress and inputs is not None)) as bar:
-            for e in range(0, w.shape[0], step):
-                parts.append(quantize(w[e : e + step], e))
+            for e in range(0, experts, step):
+                parts.append(quantize(mx.concatenate([w[e : e + step] for w in weights], axis=1), e))
                 bar.update(parts[-1][0].shape[0])
+        ends = np.cumsum([w.shape[1] for w in weights])[:-1]
         out = []
         for i in range(len(parts[0])):
             pieces = []
@@ -263,7 +273,7 @@ class Converter:
                 mx.eval(p[i])
                 pieces.append(_to_numpy(p[i]))
             out.append((np.concatenate([a for a, _ in pieces]), pieces[0][1]))
-        return out
+        return [[(np.split(a, ends, axis=1)[m], dtype) for a, dtype in out] for m in range(len(weights))]
 
     def _write_experts(self, staging: Staging, block: ExpertBlock, keys: list[str],
                        inputs: ExpertInputs | None) -> LayerEntry:
