@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mlx_lm.convert)")
     p.add_argument("--calibrate", metavar="TEXT",
                    help="experts: GPTQ on this UTF-8 text's activations (text like what the model will read; it "
-                        "never leaves the machine); about half the KL divergence of round-to-nearest, and the "
+                        "never leaves the machine); a third to a half less KL divergence than round-to-nearest, and the "
                         "slowest option")
     p.add_argument("--calibrate-tokens", type=int, default=None, metavar="N",
-                   help=f"tokens of the --calibrate text to use, in windows of {WINDOW} (default 16384)")
+                   help=f"tokens of the --calibrate text to use, in windows of {WINDOW} (default {CalibrationText.tokens})")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="dtype of unquantized tensors and scales (default: the config's torch_dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace DST (or an interrupted DST.partial)")
