@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from flashmoe_mlx.architecture import ExpertBlock, ExpertCallHook, layer_of, module_at, swap_module
 
@@ -131,10 +132,15 @@ class ExpertInputs:
         self._priors = {}  # kind of input -> the layer-wide H
 
     def _down_inputs(self, expert: int) -> mx.array:
-        """The expert's SwiGLU outputs on its tokens, [n, intermediate] (what down_proj multiplies)."""
-        x = self.x[mx.array(self._tokens[expert])][:, None, None, :]
-        ids = mx.full((x.shape[0], 1), expert, mx.uint32)
-        return self.block.activation(self.block.up_proj(x, ids), self.block.gate_proj(x, ids)).reshape(x.shape[0], -1)
+        """The expert's SwiGLU outputs on its tokens, [n, intermediate] (what down_proj multiplies), from this
+        expert's weights alone: a gather over the stack would convert all of its experts to float32 per call."""
+        x = self.x[mx.array(self._tokens[expert])]
+
+        def project(proj):  # SwitchLinear's arithmetic for one expert
+            y = x @ proj.weight[expert].astype(mx.float32).T
+            return y + proj.bias[expert].astype(mx.float32) if "bias" in proj else y
+
+        return self.block.activation(project(self.block.up_proj), project(self.block.gate_proj))
 
     def _gram(self, proj: str, expert: int) -> tuple[mx.array, int]:
         """(X^T X, n) over the tokens routed to `expert`, X being what `proj` multiplies."""
@@ -171,6 +177,15 @@ class ExpertInputs:
             gram, n = self._gram(proj, e)
             out.append(gram / max(n, 1) + prior)
         return mx.stack(out)
+
+
+def _compute_dtype(layer: nn.Module) -> mx.Dtype:
+    """float32 on the CPU (as everywhere there); elsewhere the layer's own floating dtype, so that its stacked
+    experts are not converted to float32 as a whole (twice their size) in each forward."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return next((v.dtype for _, v in tree_flatten(layer.parameters()) if mx.issubdtype(v.dtype, mx.floating)),
+                mx.float32)
 
 
 class Calibrator:
@@ -241,7 +256,7 @@ class Calibrator:
         outputs, xs, ids = [], [], []
 
         def run_layer(start, module, x, args, kwargs):
-            h = self.hidden[start : start + x.shape[0]]
+            h = self.hidden[start : start + x.shape[0]].astype(_compute_dtype(module))
             outputs.append(module(h, *args, **kwargs).astype(mx.float32))
             mx.eval(outputs[-1], xs[-1:])
 

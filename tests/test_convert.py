@@ -251,14 +251,17 @@ def test_expert_input_statistics_match_numpy():
 
     rng = np.random.default_rng(0)
     hidden, inter, experts, k, n = 16, 8, 5, 2, 40
-    block = SwitchGLU(hidden, inter, experts)
+    block = SwitchGLU(hidden, inter, experts, bias=True)
+    block.update({p: {"bias": mx.array(rng.standard_normal((experts, inter)).astype(np.float32))}
+                  for p in ("gate_proj", "up_proj")})
     x = rng.standard_normal((n, hidden)).astype(np.float32)
     ids = np.stack([rng.choice([0, 1, 2, 4], k, replace=False) for _ in range(n)])  # expert 3: never chosen
     inputs = ExpertInputs(mx.array(x), ids, block)
-    wg, wu = (np.array(getattr(block, p).weight) for p in ("gate_proj", "up_proj"))
+    (wg, bg), (wu, bu) = ((np.array(getattr(block, p).weight), np.array(getattr(block, p).bias))
+                          for p in ("gate_proj", "up_proj"))
 
     def swiglu(e, rows):
-        g, u = rows @ wg[e].T, rows @ wu[e].T
+        g, u = rows @ wg[e].T + bg[e], rows @ wu[e].T + bu[e]
         return g / (1 + np.exp(-g)) * u
 
     routed = [(t, e) for t in range(n) for e in ids[t]]
