@@ -55,8 +55,11 @@ class CalibrationText:
 
     def job(self) -> dict:
         """Identity of the calibration, for --resume checks and the output's config."""
-        data = Path(self.path).read_bytes()
-        return {"method": "gptq", "text_sha256": hashlib.sha256(data).hexdigest(), "tokens": self.tokens}
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:  # in pieces: the text may be a large document collection
+            while piece := f.read(16 << 20):
+                digest.update(piece)
+        return {"method": "gptq", "text_sha256": digest.hexdigest(), "tokens": self.tokens}
 
 
 LONG_TEXT_CHARS = 32 << 20  # longer texts are tokenized piecewise (all at once, 1 GB is ~250M ids in lists)

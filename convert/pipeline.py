@@ -263,7 +263,8 @@ class Converter:
         with tqdm(total=experts, desc=f"  {'+'.join(projs)} (GPTQ)", unit="expert", leave=False,
                   disable=not (self.progress and inputs is not None)) as bar:
             for e in range(0, experts, step):
-                parts.append(quantize(mx.concatenate([w[e : e + step] for w in weights], axis=1), e))
+                chunks = [w[e : e + step] for w in weights]
+                parts.append(quantize(chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1), e))
                 bar.update(parts[-1][0].shape[0])
         ends = np.cumsum([w.shape[1] for w in weights])[:-1]
         out = []
@@ -273,7 +274,8 @@ class Converter:
                 mx.eval(p[i])
                 pieces.append(_to_numpy(p[i]))
             out.append((np.concatenate([a for a, _ in pieces]), pieces[0][1]))
-        return [[(np.split(a, ends, axis=1)[m], dtype) for a, dtype in out] for m in range(len(weights))]
+        split = [(np.split(a, ends, axis=1), dtype) for a, dtype in out]  # per matrix: its rows of each
+        return [[(pieces[m], dtype) for pieces, dtype in split] for m in range(len(weights))]
 
     def _write_experts(self, staging: Staging, block: ExpertBlock, keys: list[str],
                        inputs: ExpertInputs | None) -> LayerEntry:
