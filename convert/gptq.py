@@ -19,12 +19,15 @@ from .affine_search import affine_codes, pack_codes, search_affine
 DAMPING = 0.01  # of the mean diagonal, added to H: keeps it positive definite (GPTQ's default)
 
 
+def _diagonal_floor(diag: mx.array, damping: float) -> mx.array:
+    """What damping adds to H's diagonal: `damping` x its mean, and 1 for input channels never active (zero
+    diagonal), so that H is invertible and their weights are still fitted (as if by plain least squares)."""
+    return (diag <= 0).astype(mx.float32) + damping * mx.maximum(diag.mean(-1, keepdims=True), 1e-12)
+
+
 def damped(hessian: mx.array, damping: float = DAMPING) -> mx.array:
-    """H plus `damping` x its mean diagonal; input channels never active (zero diagonal) get a unit one, so
-    that H is invertible and their weights are still fitted (as if by plain least squares)."""
     diag = mx.diagonal(hessian, axis1=-2, axis2=-1)
-    floor = (diag <= 0).astype(mx.float32) + damping * mx.maximum(diag.mean(-1, keepdims=True), 1e-12)
-    return hessian + mx.eye(hessian.shape[-1]) * floor[..., None, :]
+    return hessian + mx.eye(hessian.shape[-1]) * _diagonal_floor(diag, damping)[..., None, :]
 
 
 def inverse_factor(hessian: mx.array) -> mx.array:
@@ -47,7 +50,8 @@ def quantize_gptq(w: mx.array, hessian: mx.array, group_size: int, bits: int) ->
     groups = cols // group_size
     hessian = hessian.astype(mx.float32)
     u = inverse_factor(hessian)
-    importance = mx.diagonal(damped(hessian), axis1=-2, axis2=-1)  # [E, in]: weights of the grid search
+    diag = mx.diagonal(hessian, axis1=-2, axis2=-1)
+    importance = diag + _diagonal_floor(diag, DAMPING)  # [E, in]: damped H's diagonal, the grid search's weights
     work = w.astype(mx.float32)
     codes, scales, biases = [], [], []
     for g in range(groups):
