@@ -17,11 +17,20 @@ GRID = np.linspace(-1.0, 2.0, 16)  # extra code steps over min..max (MLX: 0)
 REFINE_ROUNDS = 3
 
 
-def _fit(x: mx.array, q: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+def _wsum(w: mx.array | None, *factors: mx.array) -> mx.array:
+    """Sum over each group of w * factors[0] * factors[1] ... (None: unweighted, without multiplying by ones on
+    the hot path)."""
+    v = factors[0] if w is None else w * factors[0]
+    for f in factors[1:]:
+        v = v * f
+    return v.sum(-1)
+
+
+def _fit(x: mx.array, q: mx.array, w: mx.array | None) -> tuple[mx.array, mx.array]:
     """Weighted least-squares scale and bias of x ~ scale * q + bias per row (group); a flat group gets
-    scale 0. w: per-element weights broadcastable to x (ones: plain least squares)."""
-    sw, sq, sqq = w.sum(-1), (w * q).sum(-1), (w * q * q).sum(-1)
-    sx, sqx = (w * x).sum(-1), (w * q * x).sum(-1)
+    scale 0. w: per-element weights broadcastable to x, or None (plain least squares)."""
+    sw = mx.array(float(x.shape[-1])) if w is None else w.sum(-1)
+    sq, sqq, sx, sqx = _wsum(w, q), _wsum(w, q, q), _wsum(w, x), _wsum(w, q, x)
     det = sw * sqq - sq * sq
     flat = det <= 0
     det = mx.where(flat, 1.0, det)
@@ -37,7 +46,7 @@ def affine_codes(x: mx.array, scale: mx.array, bias: mx.array, nmax: int) -> mx.
 
 
 def _error(x, scale, bias, q, w):
-    return (w * (scale * q + bias - x) ** 2).sum(-1)
+    return _wsum(w, (scale * q + bias - x) ** 2)
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -54,7 +63,7 @@ def search_affine(x: mx.array, bits: int, weights: mx.array | None = None) -> tu
     weights: per-element importance broadcastable to x (e.g. an input channel's mean squared activation)."""
     nmax = 2**bits - 1
     x = x.astype(mx.float32)
-    w = mx.ones((1, x.shape[-1])) if weights is None else mx.broadcast_to(weights.astype(mx.float32), x.shape)
+    w = None if weights is None else mx.broadcast_to(weights.astype(mx.float32), x.shape)
     lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
     span = mx.maximum(hi - lo, 1e-12)
     best_scale, best_bias = span / nmax, lo  # round-to-nearest from min/max: the search starts no worse
