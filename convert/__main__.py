@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default 64)")
     p.add_argument("--search", action="store_true",
                    help="experts: search each group's scale and bias for the least squared error (about 20%% lower "
-                        "error than round-to-nearest; ~1 s per 4096x1024 matrix on a CPU; not bit-identical to "
+                        "error than round-to-nearest; ~2 s per 4096x1024 matrix on a 2-core CPU; not bit-identical to "
                         "mlx_lm.convert)")
     p.add_argument("--calibrate", metavar="TEXT",
                    help="experts: GPTQ on this UTF-8 text's activations (text like what the model will read; it "
