@@ -7,7 +7,7 @@ expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/u
 token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
 -> 4096, k = 10) for one decode token: (a) MLX's built-in path, mlx-lm's SwitchGLU (gather_qmm x3 + SwiGLU) plus
 the weighted sum; (b) the fused kernel; each also under mx.compile. Both over the same pools, timed in one run,
-plus a sweep of rows per SIMD-group. GB/s counts the active expert bytes (weights, scales, biases of the k
+plus the fused path with each choice of pass-1 body (on CUDA: the scalar body or the tensor-core one). GB/s counts the active expert bytes (weights, scales, biases of the k
 experts); the bound is the card's copy bandwidth measured here.
 
 attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
@@ -131,16 +131,22 @@ def tuned(**values):
             setattr(kernels, name, value)
 
 
-def rows_sweep(combos=((2, 8, 8), (4, 8, 8), (4, 4, 8), (2, 4, 8), (8, 4, 8), (4, 4, 16), (4, 4, 4))) -> list[dict]:
-    """The fused path's ms per layer, compiled (so the GPU, not the host, sets the pace), for other
-    (UP_ROWS, UP_WARPS, DOWN_ROWS), 4-bit, in one run."""
+BODIES = {  # pass 1 on CUDA: the scalar (Metal) body, then the tensor-core one
+    "scalar": {"MMA_GATE_UP": False},
+    "MMA pass 1": {"MMA_GATE_UP": True},
+}
+
+
+def bodies_sweep() -> list[dict]:
+    """The fused path's ms per layer with each choice of bodies, compiled (so the GPU, not the host, sets the
+    pace), 4/4 and 3/4 bits, side by side in one run; the built-in path's in the same rows."""
     out = []
-    for up_rows, up_warps, down_rows in combos:
-        with tuned(UP_ROWS=up_rows, UP_WARPS=up_warps, DOWN_ROWS=down_rows):
-            r = speed(4, 4, layers=10, iters=30)
-        out.append({"rows_warps_rows": [up_rows, up_warps, down_rows],
-                    "fused_ms_per_layer": r["compiled"]["fused_ms"] / 10,
-                    "builtin_ms_per_layer": r["compiled"]["builtin_ms"] / 10})
+    for name, values in BODIES.items():
+        with tuned(**values):
+            for bits in ((4, 4), (3, 4)):
+                r = speed(*bits, layers=10, iters=30)
+                out.append({"bodies": name, "bits": list(bits), "fused_ms_per_layer": r["compiled"]["fused_ms"] / 10,
+                            "builtin_ms_per_layer": r["compiled"]["builtin_ms"] / 10})
     return out
 
 
@@ -158,8 +164,8 @@ def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
 
 
 def profile_once():
-    """One layer and one attention step, each path twice (the fused path also at 8 rows per pass-1
-    SIMD-group): a short run for a kernel profiler (ncu) to time the kernels alone."""
+    """One layer and one attention step, each path twice (the fused path with each choice of bodies): a short
+    run for a kernel profiler (ncu) to time the kernels alone."""
     attention(iters=2, check=False)
     attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
     for bits in ((4, 4), (3, 4)):
@@ -169,9 +175,10 @@ def profile_once():
         x = mx.random.normal((1, 4096)).astype(mx.bfloat16)
         for _ in range(2):
             mx.eval((pool(x, ids) * w[..., None]).sum(axis=-2))
-            mx.eval(expert_swiglu(x, pool, ids, w))
-        with tuned(UP_ROWS=8):
-            mx.eval(expert_swiglu(x, pool, ids, w))
+        for values in BODIES.values():
+            with tuned(**values):
+                for _ in range(3):
+                    mx.eval(expert_swiglu(x, pool, ids, w))
 
 
 def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=50, check=True) -> dict:
@@ -259,7 +266,7 @@ def main():
         return
     rows = correctness()
     runs = [speed(4, 4), speed(3, 4)]
-    result.update(correctness=rows, speed=runs, rows_sweep=rows_sweep())
+    result.update(correctness=rows, speed=runs, bodies_sweep=bodies_sweep())
     print(f"\ncorrectness: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance; "
           f"framework floor {result['op_overhead_us']:.1f} us per op")
     print(f"\n| experts (gate/up, down bits) | built-in ms/token | fused ms/token | built-in GB/s | fused GB/s "
@@ -271,11 +278,10 @@ def main():
             gbps_a, gbps_b = r["active_bytes"] / a / 1e6, r["active_bytes"] / b / 1e6
             print(f"| {'/'.join(map(str, label))} | {a:.2f} | {b:.2f} | {gbps_a:.0f} | {gbps_b:.0f} "
                   f"| {gbps_b / bound:.0%} | {a / b:.1f}x |")
-    print("\n| pass-1 rows, pass-1 SIMD-groups, pass-2 rows | fused ms/layer | built-in ms/layer |"
-          "\n|---|---|---|")
-    for r in result["rows_sweep"]:
-        print(f"| {', '.join(map(str, r['rows_warps_rows']))} | {r['fused_ms_per_layer']:.3f} "
-              f"| {r['builtin_ms_per_layer']:.3f} |")
+    print("\n| bodies | bits | fused ms/layer (compiled) | built-in ms/layer (compiled) |\n|---|---|---|---|")
+    for r in result["bodies_sweep"]:
+        print(f"| {r['bodies']} | {'/'.join(map(str, r['bits']))} | {r['fused_ms_per_layer']:.4f} "
+              f"| {r['builtin_ms_per_layer']:.4f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

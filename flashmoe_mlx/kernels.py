@@ -3,6 +3,7 @@
 Sources live in `metal_kernels/`: one body per kernel, written once against a few portable names (LANE,
 SIMD_SUM, DEVICE, ...) that a per-backend prelude defines: Metal (`mx.fast.metal_kernel`), CUDA
 (`mx.fast.cuda_kernel`, the twin), and a C++ prelude with which the tests run the very same bodies on the CPU.
+A `.cu` body is CUDA-only (tensor cores); the C++ prelude emulates its MMA, so the tests run it as well.
 A `Launch` says what to run; a runner runs it. Where no runner exists (the CPU backend) the reference runs.
 """
 
@@ -24,12 +25,25 @@ THREADGROUP = 128  # 4 SIMD-groups
 # (UP_ROWS, UP_WARPS) = (2, 8), 34.7 at (4, 4); docs/BENCHMARKS.md).
 UP_ROWS, DOWN_ROWS = 2, 8
 UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
+# Pass 1 on tensor cores (CUDA only: expert_swiglu_gate_up_mma.cu; bfloat16 MMA, float32 accumulation) where the
+# runner has them and the shape fits. H200, Qwen3.5's shape: 22.5 us against the scalar body's 28.6
+# (docs/BENCHMARKS.md). Its launch: SIMD-groups sharing a 16-row tile's packs, tiles per threadgroup (which stages
+# the activations once for all of them), blocks of 8 packs whose loads are in flight together.
+MMA_GATE_UP = True
+MMA_KSPLIT, MMA_TILES, MMA_ROUND = 8, 1, 1
 MAX_HIDDEN = 7680  # pass 1 stages 34/32 floats per activation: 30.6 KiB of the 32 KiB Metal guarantees
 MAX_DECODE_TOKENS = 4
 
 
 def read_source(name: str) -> str:
     return files("flashmoe_mlx.metal_kernels").joinpath(name).read_text()
+
+
+def body_source(kernel: str) -> str:
+    """A kernel's body: `<kernel>.metal` (every backend), or `<kernel>.cu` for the CUDA-only tensor-core bodies."""
+    folder = files("flashmoe_mlx.metal_kernels")
+    name = f"{kernel}.metal" if folder.joinpath(f"{kernel}.metal").is_file() else f"{kernel}.cu"
+    return folder.joinpath(name).read_text()
 
 
 def prelude(backend: str) -> tuple[str, str]:
@@ -65,7 +79,7 @@ def _mlx_kernel(backend: str, kernel: str, input_names: tuple, output_names: tup
     header, prologue = prelude(backend)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     return make(name=f"flashmoe_{kernel}", input_names=list(input_names), output_names=list(output_names),
-                source=without_comments(prologue + read_source(f"{kernel}.metal")), header=without_comments(header))
+                source=without_comments(prologue + body_source(kernel)), header=without_comments(header))
 
 
 def run_on_gpu(launch: Launch) -> list[mx.array]:
@@ -79,6 +93,14 @@ def run_on_gpu(launch: Launch) -> list[mx.array]:
         output_shapes=[s for s, _ in launch.outputs.values()],
         output_dtypes=[d for _, d in launch.outputs.values()],
     )
+
+
+def has_tensor_cores(runner) -> bool:
+    """Whether `runner` takes the CUDA-only tensor-core bodies: the CUDA runner, or one marked `tensor_cores`
+    (the tests' emulation of a CUDA device)."""
+    if runner is run_on_gpu:
+        return not mx.metal.is_available()
+    return getattr(runner, "tensor_cores", False)
 
 
 def default_runner():
@@ -121,6 +143,12 @@ def supports_expert_swiglu(pool: nn.Module) -> bool:
     return pool.gate_proj.scales.shape[-1] * pool.gate_proj.group_size <= MAX_HIDDEN
 
 
+def takes_tensor_cores(dtype: mx.Dtype, up_bits: int, hidden: int, inter: int) -> bool:
+    """What expert_swiglu_gate_up_mma requires: bfloat16 activations (exact as MMA operands), 4-bit gate/up,
+    whole blocks of 8 packs per row and whole 32-row blocks of h."""
+    return dtype == mx.bfloat16 and up_bits == 4 and hidden % 256 == 0 and inter % 32 == 0
+
+
 def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.array | None = None,
                   runner=None) -> mx.array:
     """Decode-time experts: for token t, sum_j weights[t, j] * down(silu(gate(x_t)) * up(x_t)) over the pool
@@ -135,26 +163,31 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
     inter = gate.scales.shape[1]
     slots = slot_ids.astype(mx.uint32)
     constants = {"T": x.dtype, "NT": nt, "K": k, "H": hidden, "I": inter}
-    (h,) = runner(Launch(
-        "expert_swiglu_gate_up",
-        {"x": x, "gate_w": gate.weight, "gate_s": gate.scales, "gate_b": gate.biases,
-         "up_w": up.weight, "up_s": up.scales, "up_b": up.biases, "slots": slots},
-        {"h": ((nt, k, inter), mx.float32)},
-        {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size, "ROWS": UP_ROWS},
-        nt * -(-k * -(-inter // UP_ROWS) // UP_WARPS) * UP_WARPS,  # whole threadgroups per token
-        threadgroup=32 * UP_WARPS,
-    ))
+    pass1_inputs = {"x": x, "gate_w": gate.weight, "gate_s": gate.scales, "gate_b": gate.biases,
+                    "up_w": up.weight, "up_s": up.scales, "up_b": up.biases, "slots": slots}
+    h_shape = {"h": ((nt, k, inter), mx.float32)}
+    if MMA_GATE_UP and has_tensor_cores(runner) and takes_tensor_cores(x.dtype, gate.bits, hidden, inter):
+        warps = MMA_KSPLIT * MMA_TILES
+        (h,) = runner(Launch(
+            "expert_swiglu_gate_up_mma", pass1_inputs, h_shape,
+            {**constants, "GS_UP": gate.group_size, "KSPLIT": MMA_KSPLIT, "TILES_PER_TG": MMA_TILES,
+             "ROUND": MMA_ROUND},
+            nt * k * -(-inter // (16 * MMA_TILES)) * warps, threadgroup=32 * warps))
+    else:
+        (h,) = runner(Launch(
+            "expert_swiglu_gate_up", pass1_inputs, h_shape,
+            {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size, "ROWS": UP_ROWS},
+            nt * -(-k * -(-inter // UP_ROWS) // UP_WARPS) * UP_WARPS,  # whole threadgroups per token
+            threadgroup=32 * UP_WARPS,
+        ))
     combine = weights is not None
-    (y,) = runner(Launch(
-        "expert_swiglu_down",
-        {"h": h, "down_w": down.weight, "down_s": down.scales, "down_b": down.biases, "slots": slots,
-         "weights": (weights if combine else mx.ones((nt, k))).astype(x.dtype)},
-        {"y": ((nt, hidden) if combine else (nt, k, hidden), x.dtype)},
-        {**constants, "BITS_DOWN": down.bits, "GS_DOWN": down.group_size, "COMBINE": int(combine),
-         "ROWS": DOWN_ROWS},
-        nt * k * -(-hidden // DOWN_ROWS),
-        threadgroup=32 * k,  # one SIMD-group per expert
-    ))
+    pass2_inputs = {"h": h, "down_w": down.weight, "down_s": down.scales, "down_b": down.biases, "slots": slots,
+                    "weights": (weights if combine else mx.ones((nt, k))).astype(x.dtype)}
+    y_shape = {"y": ((nt, hidden) if combine else (nt, k, hidden), x.dtype)}
+    (y,) = runner(Launch("expert_swiglu_down", pass2_inputs, y_shape,
+                         {**constants, "BITS_DOWN": down.bits, "GS_DOWN": down.group_size, "COMBINE": int(combine),
+                          "ROWS": DOWN_ROWS},
+                         nt * k * -(-hidden // DOWN_ROWS), threadgroup=32 * k))  # one SIMD-group per expert
     return y
 
 

@@ -26,12 +26,25 @@
 struct alignas(16) float4 { float x, y, z, w; };
 #define FLOAT4(a, b, c, d) float4{a, b, c, d}
 #define SIMD_BARRIER() flashmoe_simd->meet.arrive_and_wait()
+// bfloat16 as MLX stores it (the top half of a float32), for T = bfloat16 and the tensor-core helpers.
+struct bfloat16 {
+  uint16_t bits;
+  bfloat16() = default;
+  explicit bfloat16(float f) {  // round to nearest even, as the GPUs convert
+    const uint32_t u = std::bit_cast<uint32_t>(f);
+    bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const { return std::bit_cast<float>(uint32_t(bits) << 16); }
+};
+#define BF16_BITS(v) (v).bits
+inline float flashmoe_bf16_float(uint32_t bits16) { return std::bit_cast<float>((bits16 & 0xFFFFu) << 16); }
 inline void flashmoe_load4(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 16); }
 inline void flashmoe_load2(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 8); }
 
 struct FlashmoeSimdGroup {
   std::barrier<> meet{32};
   float values[32];
+  uint32_t fragments[32][6];  // each lane's A (4 registers) and B (2) of an emulated MMA
 };
 inline thread_local FlashmoeSimdGroup* flashmoe_simd = nullptr;
 inline thread_local std::barrier<>* flashmoe_group = nullptr;
@@ -54,6 +67,33 @@ inline float flashmoe_simd_max(float v) {
 }
 inline float flashmoe_simd_shuffle(float v, uint32_t lane) {
   return flashmoe_simd_exchange(v, [lane](const float* all) { return all[lane]; });
+}
+
+// PTX's mma.sync m16n8k16 (bf16 in, f32 accumulate) over the SIMD-group's fragments, element by element:
+// A[r][k] sits in lane (r % 8) * 4 + (k % 8) / 2, register r / 8 + 2 (k / 8), half k % 2; B[k][n] in lane
+// n * 4 + (k % 8) / 2, register k / 8, half k % 2; D[r][n] in lane (r % 8) * 4 + n / 2, register 2 (r / 8) + n % 2.
+inline void flashmoe_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  auto& all = flashmoe_simd->fragments;
+  for (int i = 0; i < 4; ++i) all[flashmoe_lane][i] = a[i];
+  all[flashmoe_lane][4] = b[0];
+  all[flashmoe_lane][5] = b[1];
+  flashmoe_simd->meet.arrive_and_wait();
+  const auto half = [](uint32_t reg, int k) { return flashmoe_bf16_float(k % 2 ? reg >> 16 : reg); };
+  for (int i = 0; i < 4; ++i) {
+    const int r = int(flashmoe_lane) / 4 + 8 * (i / 2), n = 2 * (int(flashmoe_lane) % 4) + i % 2;
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const float av = half(all[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k);
+      const float bv = half(all[n * 4 + (k % 8) / 2][4 + k / 8], k);
+      sum += av * bv;
+    }
+    d[i] += sum;
+  }
+  flashmoe_simd->meet.arrive_and_wait();
+}
+inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
+  const auto minus = [](uint32_t bits16) { return std::bit_cast<uint32_t>(flashmoe_bf16_float(bits16) - 128.0f) >> 16; };
+  return minus(v) | minus(v >> 16) << 16;
 }
 
 // Run `body(lane, simd_in_tg, tg, tg_threads)` for every thread of `groups` threadgroups of `tg_threads`.

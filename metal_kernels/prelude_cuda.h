@@ -22,6 +22,22 @@ __device__ inline void flashmoe_load2(const uint32_t* s, uint32_t* d) {
   const uint2 v = *reinterpret_cast<const uint2*>(s);
   d[0] = v.x; d[1] = v.y;
 }
+// Tensor-core helpers (bodies that use them are CUDA-only; prelude_cpu.h emulates them for the tests).
+#define BF16_BITS(v) __bfloat16_as_ushort(v)
+__device__ inline float flashmoe_bf16_float(uint32_t bits16) { return __uint_as_float((bits16 & 0xFFFFu) << 16); }
+// d += A B for one m16n8k16 tile: A 16x16 and B 16x8 in bfloat16 pairs, PTX's fragment layout; f32 accumulation.
+__device__ inline void flashmoe_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Both bfloat16 halves of v minus 128 (exact for the 128 + q this is used on).
+__device__ inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
+  uint32_t r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(0xC300C300u));
+  return r;
+}
 __device__ inline float flashmoe_warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;

@@ -1,6 +1,7 @@
 """Runs the Metal kernel bodies on the CPU: each body is compiled with g++ against metal_kernels/prelude_cpu.h
 (threads for SIMD lanes, barriers for SIMD sums) and called through ctypes. A drop-in `runner` for
-flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take. Also measures a body's threadgroup
+flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take. `run_emulated` is a Metal device;
+`run_emulated_cuda` a CUDA one, which also takes the CUDA-only tensor-core bodies (MMA emulated element by element). Also measures a body's threadgroup
 memory (`shared_bytes`), to hold the wrappers' accounting of it to what the body declares."""
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe_mlx.kernels import Launch, prelude, read_source
+from flashmoe_mlx.kernels import Launch, body_source, prelude
 
-C_TYPES = {mx.float32: ("float", np.float32), mx.uint32: ("uint32_t", np.uint32)}
+C_TYPES = {mx.float32: ("float", np.float32), mx.uint32: ("uint32_t", np.uint32), mx.bfloat16: ("bfloat16", np.uint16)}
+POISON = {mx.float32: np.nan, mx.uint32: 0xFFFFFFFF, mx.bfloat16: 0xFFFF}  # NaN where a float
 BUILD_DIR = Path(tempfile.gettempdir()) / "flashmoe-kernel-emulator"
 
 
@@ -30,7 +32,7 @@ def _constant(name: str, value) -> str:
 
 def _shaped(launch: Launch) -> list[str]:
     """Inputs whose shape the body reads as `<name>_shape` (MLX passes those to Metal and CUDA kernels too)."""
-    body = read_source(f"{launch.kernel}.metal")
+    body = body_source(launch.kernel)
     return [n for n in launch.inputs if f"{n}_shape" in body]
 
 
@@ -44,8 +46,8 @@ def _source(launch: Launch) -> str:
         header,
         *(_constant(n, v) for n, v in launch.constants.items()),
         f"static void body({', '.join(params)}, uint32_t LANE, uint32_t SIMD_IN_TG, uint32_t TG, uint32_t TG_THREADS) {{",
-        f'#line 1 "{launch.kernel}.metal"',
-        read_source(f"{launch.kernel}.metal"),
+        f'#line 1 "{launch.kernel}"',
+        body_source(launch.kernel),
         "}",
         'extern "C" void run(void** args, uint32_t groups, uint32_t tg_threads) {',
         "  flashmoe_launch(groups, tg_threads, [&](uint32_t lane, uint32_t simd, uint32_t tg, uint32_t n) {",
@@ -73,16 +75,26 @@ def _compile(source: str) -> ctypes.CDLL:
 
 
 def run_emulated(launch: Launch) -> list[mx.array]:
-    """Execute `launch` on the CPU. Outputs start poisoned (NaN / 0xFFFFFFFF) so unwritten elements show."""
+    """Execute `launch` on the CPU. Outputs start poisoned (NaN, or all ones for integers) so unwritten
+    elements show. bfloat16 travels as its 16 bits."""
     lib = _compile(_source(launch))
-    inputs = [np.ascontiguousarray(np.array(a)) for a in launch.inputs.values()]
-    outputs = [np.full(shape, np.nan if dtype == mx.float32 else 0xFFFFFFFF, C_TYPES[dtype][1])
-               for shape, dtype in launch.outputs.values()]
+    inputs = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
+              for a in launch.inputs.values()]
+    outputs = [np.full(shape, POISON[dtype], C_TYPES[dtype][1]) for shape, dtype in launch.outputs.values()]
     shapes = [np.array(launch.inputs[n].shape, np.int32) for n in _shaped(launch)]
     arrays = inputs + outputs + shapes
     pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
-    return [mx.array(o) for o in outputs]
+    return [mx.array(o).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(o)
+            for o, (_, dtype) in zip(outputs, launch.outputs.values())]
+
+
+def run_emulated_cuda(launch: Launch) -> list[mx.array]:
+    """run_emulated as a CUDA device: expert_swiglu then also picks the tensor-core bodies."""
+    return run_emulated(launch)
+
+
+run_emulated_cuda.tensor_cores = True
 
 
 def shared_bytes(launch: Launch) -> int:

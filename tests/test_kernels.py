@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from kernel_emulator import run_emulated, shared_bytes
+from kernel_emulator import run_emulated, run_emulated_cuda, shared_bytes
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from flashmoe_mlx import kernels
@@ -71,6 +71,74 @@ def test_expert_swiglu_bodies_at_other_launch_tunings(up_rows, up_warps, down_ro
     got = expert_swiglu(x, pool, slot_ids, weights, runner=run_emulated)
     want = expert_swiglu_reference(x, pool, slot_ids, weights)
     assert mx.abs(got - want).max().item() <= 1e-4 * max(1.0, mx.abs(want).max().item())
+
+
+def check_tensor_core_passes(hidden, inter, slots, tokens, k, up_bits, down_bits, group_size, seed):
+    """expert_swiglu as on a CUDA device (the tensor-core pass 1 where it takes the shape, its MMA emulated),
+    bfloat16: pass 1's h against silu(gate x) * up x from plain MLX ops in float32, and y, combined and per expert,
+    against the reference. Returns the bodies that ran."""
+    pool = quantized_pool(hidden, inter, slots, up_bits, down_bits, group_size, seed=seed)
+    pool.set_dtype(mx.bfloat16)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((tokens, hidden)).astype(np.float32)).astype(mx.bfloat16)
+    slot_ids = mx.array(rng.integers(0, slots, (tokens, k)).astype(np.uint32))
+    weights = mx.array(rng.random((tokens, k)).astype(np.float32)).astype(mx.bfloat16)
+    outputs = {}
+
+    def spying(launch):
+        outputs[launch.kernel] = run_emulated_cuda(launch)[0]
+        return [outputs[launch.kernel]]
+
+    spying.tensor_cores = True
+
+    def project(proj, v):
+        w = mx.dequantize(proj.weight[slot_ids], proj.scales[slot_ids].astype(mx.float32),
+                          proj.biases[slot_ids].astype(mx.float32), group_size, proj.bits)
+        return (w @ v[..., None])[..., 0]
+
+    for w in (weights, None):
+        got = expert_swiglu(x, pool, slot_ids, w, runner=spying).astype(mx.float32)
+        want = expert_swiglu_reference(x.astype(mx.float32), pool, slot_ids,
+                                       None if w is None else w.astype(mx.float32))
+        assert got.shape == want.shape and np.isfinite(np.array(got)).all()  # outputs start as NaN
+        assert mx.abs(got - want).max().item() <= 2 ** -8 * mx.abs(want).max().item()  # y is bfloat16
+    xs = mx.broadcast_to(x.astype(mx.float32)[:, None], (tokens, k, hidden))
+    want_h = nn.silu(project(pool.gate_proj, xs)) * project(pool.up_proj, xs)
+    # h is pack-transposed: row 32 p + i at i * inter / 32 + p
+    h = next(o for name, o in outputs.items() if "gate_up" in name)
+    h = h.reshape(tokens, k, 32, inter // 32).swapaxes(-1, -2).reshape(want_h.shape)
+    assert mx.abs(h - want_h).max().item() <= 1e-5 * mx.abs(want_h).max().item()
+    return set(outputs)
+
+
+@pytest.mark.parametrize("hidden, inter, slots, tokens, k, down_bits, group_size", [
+    (256, 64, 4, 1, 2, 4, 64),
+    (512, 96, 5, 2, 3, 4, 32),     # group 32: each of a lane's two packs has its own scale and bias
+    (768, 128, 3, 3, 2, 3, 128),   # 3 blocks per row; mixed precision down
+    (256, 32, 6, 4, 4, 8, 32),     # one 32-row block, 4 tokens
+])
+def test_expert_swiglu_tensor_core_body_matches_reference(hidden, inter, slots, tokens, k, down_bits, group_size):
+    ran = check_tensor_core_passes(hidden, inter, slots, tokens, k, 4, down_bits, group_size, hidden + inter)
+    assert ran == {"expert_swiglu_gate_up_mma", "expert_swiglu_down"}
+
+
+@pytest.mark.parametrize("ksplit, tiles, rounds", [(1, 1, 1), (2, 4, 2), (4, 2, 1), (4, 2, 4)])
+def test_expert_swiglu_tensor_core_body_at_other_launch_tunings(ksplit, tiles, rounds, monkeypatch):
+    """Tiles that do not fill a threadgroup (6 of 16 rows at 4 per threadgroup), blocks that do not fill the
+    SIMD-groups' rounds (3 blocks per row), SIMD-groups with no block at all."""
+    for name, value in (("MMA_KSPLIT", ksplit), ("MMA_TILES", tiles), ("MMA_ROUND", rounds)):
+        monkeypatch.setattr(kernels, name, value)
+    ran = check_tensor_core_passes(768, 96, 4, 2, 3, 4, 4, 32, seed=ksplit + tiles)
+    assert ran == {"expert_swiglu_gate_up_mma", "expert_swiglu_down"}
+
+
+def test_tensor_cores_only_where_the_runner_has_them():
+    """Metal (the plain emulation) keeps the scalar pass 1; float32 activations and other bits do too."""
+    assert not kernels.has_tensor_cores(run_emulated) and kernels.has_tensor_cores(run_emulated_cuda)
+    assert kernels.takes_tensor_cores(mx.bfloat16, 4, 4096, 1024)
+    assert not kernels.takes_tensor_cores(mx.float32, 4, 4096, 1024)
+    assert not kernels.takes_tensor_cores(mx.bfloat16, 3, 4096, 1024)
+    assert not kernels.takes_tensor_cores(mx.bfloat16, 4, 4096 + 32, 1024)
 
 
 def test_pools_the_kernel_does_not_take_run_the_reference():
