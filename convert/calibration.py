@@ -25,6 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from flashmoe_mlx.architecture import ExpertBlock, ExpertCallHook, layer_of, module_at, swap_module
+from flashmoe_mlx.eval import encode_document
 
 WINDOW = 512  # tokens per calibration sequence
 BATCH_TOKENS = 4096  # tokens per forward
@@ -73,14 +74,15 @@ def token_windows(tokenizer, text: str, tokens: int, where: str) -> np.ndarray:
     wanted = tokens // WINDOW
     if len(text) > LONG_TEXT_CHARS:
         sample = text[:SAMPLE_CHARS]
-        chars_per_token = len(sample) / max(1, len(tokenizer.encode(sample)))
+        chars_per_token = len(sample) / max(1, len(encode_document(tokenizer, sample)))
         piece = int(2 * WINDOW * chars_per_token) + 1  # twice what one window takes, on the sample's measure
         starts = np.linspace(0, len(text) - piece, wanted).astype(np.int64)
-        windows = [ids[:WINDOW] for ids in (tokenizer.encode(text[s : s + piece]) for s in starts) if len(ids) >= WINDOW]
+        windows = [ids[:WINDOW] for ids in (encode_document(tokenizer, text[s : s + piece]) for s in starts)
+                   if len(ids) >= WINDOW]
         if not windows:
             raise CalibrationError(f"{where}: no piece of {piece} characters holds {WINDOW} tokens")
         return np.array(windows, np.int64)
-    ids = np.asarray(tokenizer.encode(text), np.int64)
+    ids = np.asarray(encode_document(tokenizer, text), np.int64)
     available = len(ids) // WINDOW
     if available == 0:
         raise CalibrationError(f"{where}: {len(ids)} tokens; calibration needs at least {WINDOW}")

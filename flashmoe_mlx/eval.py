@@ -104,8 +104,14 @@ class Comparison:
         }
 
 
+def encode_document(tokenizer, text: str) -> list[int]:
+    """A whole document's token ids. transformers warns when ids outrun the model's context; callers cut them
+    into windows themselves, so the warning is turned off (verbose=False; the ids are the same)."""
+    return tokenizer.encode(text, verbose=False)
+
+
 def token_windows(tokenizer, text: str, context: int, max_tokens: int | None) -> list[np.ndarray]:
-    ids = np.array(tokenizer.encode(text), dtype=np.int64)
+    ids = np.array(encode_document(tokenizer, text), dtype=np.int64)
     if max_tokens:
         ids = ids[: max_tokens + 1]
     step = context  # disjoint windows: every scored token once

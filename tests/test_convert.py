@@ -281,7 +281,7 @@ def test_long_calibration_text_is_sampled_in_pieces(monkeypatch):
     from flashmoe_mlx.convert import calibration
 
     class Words:  # one token per word: ids say which section of the text a window came from
-        def encode(self, text):
+        def encode(self, text, verbose=True):
             return [int(w[1:]) for w in text.split()[1:-1]]  # the first and last words may be cut: dropped
 
     monkeypatch.setattr(calibration, "LONG_TEXT_CHARS", 10_000)

@@ -80,3 +80,19 @@ def test_cli_on_the_bundled_model(tmp_path):
     assert summary["tokens"] == 512 and 0 < summary["kl_mean"] < 1 and "| KL mean |" in result.stdout
     bad = run_cli("flashmoe_mlx.eval", "--model", tmp_path / "q", "--reference", BUNDLED, "--text", tmp_path / "none")
     assert bad.returncode != 0 and "cannot read the text" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_long_documents_tokenize_without_the_context_warning(caplog):
+    """A document longer than the model's context is cut into windows by us: encode_document gives the ids
+    transformers gives, without its warning about indexing errors (which the plain call logs)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from flashmoe_mlx.default import BUNDLED as folder
+    from flashmoe_mlx.eval import encode_document
+
+    tokenizer = load_tokenizer(folder)
+    text = (folder / "heldout.txt").read_text()[:100_000]
+    ids = encode_document(tokenizer, text)
+    assert "longer than" not in caplog.text
+    assert ids == tokenizer.encode(text) and len(ids) > 2048  # the demo model's context
+    assert "longer than" in caplog.text
