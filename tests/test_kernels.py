@@ -299,3 +299,44 @@ def test_quantized_kv_decode_runs_the_kernel_end_to_end(mlx_checkpoint):
         token = mx.argmax(want[:, -1:], axis=-1)
     layers = len(model.layers)
     assert calls.count("attention_decode_split") == calls.count("attention_decode_combine") == 3 * layers
+
+
+def test_cuda_twins_compile_and_fit_their_launches():
+    """Every body the CUDA runner would launch, at the shipped tunings and the ones the benchmark sweeps,
+    compiles with nvcc for the H200 the way MLX wraps it, and its registers fit its threadgroup."""
+    from cuda_compile import REGISTERS_PER_SM, compile_launches, nvcc
+
+    from flashmoe_mlx.kernels import attention_decode
+
+    assert nvcc(), "nvcc is part of this machine kind; CI compiles the CUDA twins with it"
+    launches = []
+
+    def capturing(launch):
+        launches.append(launch)
+        return [mx.zeros(shape, dtype) for shape, dtype in launch.outputs.values()]
+
+    capturing.tensor_cores = True
+    rng = np.random.default_rng(0)
+    for up_bits, dtype in ((4, mx.bfloat16), (3, mx.bfloat16), (4, mx.float32)):
+        pool = quantized_pool(512, 256, 4, up_bits, 4, 64, seed=up_bits)
+        pool.set_dtype(dtype)
+        x = mx.array(rng.standard_normal((1, 512)).astype(np.float32)).astype(dtype)
+        for tunings in ({}, {"MMA_KSPLIT": 4, "MMA_TILES": 2}, {"MMA_GATE_UP": False}):
+            saved = {name: getattr(kernels, name) for name in tunings}
+            for name, value in tunings.items():
+                setattr(kernels, name, value)
+            try:
+                expert_swiglu(x, pool, mx.zeros((1, 4), mx.uint32), mx.ones((1, 4)).astype(dtype), runner=capturing)
+            finally:
+                for name, value in saved.items():
+                    setattr(kernels, name, value)
+    for hq, hkv, dim, bits in ((32, 4, 128, 4), (32, 2, 256, 4), (8, 8, 64, 8)):
+        q = mx.zeros((1, hq, 1, dim), mx.bfloat16)
+        cache = mx.quantize(mx.zeros((1, hkv, 4096, dim), mx.bfloat16), 64, bits)
+        attention_decode(q, cache, cache, dim ** -0.5, 64, bits, runner=capturing)
+    assert {launch.kernel for launch in launches} == {
+        "expert_swiglu_gate_up", "expert_swiglu_gate_up_mma", "expert_swiglu_down",
+        "attention_decode_split", "attention_decode_combine"}
+    registers = compile_launches(launches)
+    for i, launch in enumerate(launches):
+        assert registers[f"k{i}"] * launch.threadgroup <= REGISTERS_PER_SM, (launch.kernel, launch.constants)
