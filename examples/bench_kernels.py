@@ -7,8 +7,9 @@ expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/u
 token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
 -> 4096, k = 10) for one decode token: (a) MLX's built-in path, mlx-lm's SwitchGLU (gather_qmm x3 + SwiGLU) plus
 the weighted sum; (b) the fused kernel; each also under mx.compile. Both over the same pools, timed in one run,
-plus the fused path with each choice of pass-1 body (on CUDA: the scalar body or the tensor-core one). GB/s counts the active expert bytes (weights, scales, biases of the k
-experts); the bound is the card's copy bandwidth measured here.
+plus the fused path with each choice of pass-1 body (on CUDA: the scalar body or the tensor-core one). GB/s
+counts the active expert bytes (weights, scales, biases of the k experts); the bound is the card's copy
+bandwidth measured here.
 
 attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
 mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split count) and of keys per lane.

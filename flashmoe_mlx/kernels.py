@@ -26,7 +26,7 @@ THREADGROUP = 128  # 4 SIMD-groups
 UP_ROWS, DOWN_ROWS = 2, 8
 UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
 # Pass 1 on tensor cores (CUDA only: expert_swiglu_gate_up_mma.cu; bfloat16 MMA, float32 accumulation) where the
-# runner has them and the shape fits. H200, Qwen3.5's shape: 22.5 us against the scalar body's 28.6
+# runner has them and the shape fits. H200, Qwen3.5's shape: 22.6 us against the scalar body's 28.6
 # (docs/BENCHMARKS.md). Its launch: SIMD-groups sharing a 16-row tile's packs, tiles per threadgroup (which stages
 # the activations once for all of them), blocks of 8 packs whose loads are in flight together.
 MMA_GATE_UP = True

@@ -1,8 +1,9 @@
 """Runs the Metal kernel bodies on the CPU: each body is compiled with g++ against metal_kernels/prelude_cpu.h
 (threads for SIMD lanes, barriers for SIMD sums) and called through ctypes. A drop-in `runner` for
 flashmoe_mlx.kernels: the same Launch the Metal and CUDA runners take. `run_emulated` is a Metal device;
-`run_emulated_cuda` a CUDA one, which also takes the CUDA-only tensor-core bodies (MMA emulated element by element). Also measures a body's threadgroup
-memory (`shared_bytes`), to hold the wrappers' accounting of it to what the body declares."""
+`run_emulated_cuda` a CUDA one, which also takes the CUDA-only tensor-core bodies (their MMA emulated element
+by element). Also measures a body's threadgroup memory (`shared_bytes`), to hold the wrappers' accounting of it
+to what the body declares."""
 
 from __future__ import annotations
 

@@ -132,6 +132,12 @@ def test_expert_swiglu_tensor_core_body_at_other_launch_tunings(ksplit, tiles, r
     assert ran == {"expert_swiglu_gate_up_mma", "expert_swiglu_down"}
 
 
+def test_expert_swiglu_scalar_bodies_in_bfloat16_on_a_cuda_device():
+    """3-bit gate/up on a CUDA device: the scalar bodies, in bfloat16 (T = bfloat16 in the emulation too)."""
+    ran = check_tensor_core_passes(256, 64, 4, 2, 3, 3, 4, 64, seed=5)
+    assert ran == {"expert_swiglu_gate_up", "expert_swiglu_down"}
+
+
 def test_tensor_cores_only_where_the_runner_has_them():
     """Metal (the plain emulation) keeps the scalar pass 1; float32 activations and other bits do too."""
     assert not kernels.has_tensor_cores(run_emulated) and kernels.has_tensor_cores(run_emulated_cuda)
