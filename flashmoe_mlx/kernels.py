@@ -95,11 +95,18 @@ def run_on_gpu(launch: Launch) -> list[mx.array]:
     )
 
 
+@lru_cache(maxsize=None)
+def cuda_capability() -> int:
+    """The CUDA device's compute capability (major), as MLX's device_info reports it; taken as 8 where it does
+    not say. Cached: on CUDA, device_info also queries free memory."""
+    return int(mx.device_info().get("compute_capability_major", 8))
+
+
 def has_tensor_cores(runner) -> bool:
-    """Whether `runner` takes the CUDA-only tensor-core bodies: the CUDA runner, or one marked `tensor_cores`
-    (the tests' emulation of a CUDA device)."""
+    """Whether `runner` takes the CUDA-only tensor-core bodies: the CUDA runner on a card with bf16 mma.sync
+    (sm_80 and newer), or a runner marked `tensor_cores` (the tests' emulation of a CUDA device)."""
     if runner is run_on_gpu:
-        return not mx.metal.is_available()
+        return not mx.metal.is_available() and cuda_capability() >= 8
     return getattr(runner, "tensor_cores", False)
 
 

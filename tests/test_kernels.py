@@ -138,9 +138,14 @@ def test_expert_swiglu_scalar_bodies_in_bfloat16_on_a_cuda_device():
     assert ran == {"expert_swiglu_gate_up", "expert_swiglu_down"}
 
 
-def test_tensor_cores_only_where_the_runner_has_them():
+def test_tensor_cores_only_where_the_runner_has_them(monkeypatch):
     """Metal (the plain emulation) keeps the scalar pass 1; float32 activations and other bits do too."""
     assert not kernels.has_tensor_cores(run_emulated) and kernels.has_tensor_cores(run_emulated_cuda)
+    for major, expected in ((7, False), (8, True), (9, True)):  # bf16 mma.sync needs sm_80
+        kernels.cuda_capability.cache_clear()
+        monkeypatch.setattr(mx, "device_info", lambda major=major: {"compute_capability_major": major})
+        assert kernels.has_tensor_cores(kernels.run_on_gpu) == expected
+    kernels.cuda_capability.cache_clear()
     assert kernels.takes_tensor_cores(mx.bfloat16, 4, 4096, 1024)
     assert not kernels.takes_tensor_cores(mx.float32, 4, 4096, 1024)
     assert not kernels.takes_tensor_cores(mx.bfloat16, 3, 4096, 1024)
