@@ -139,7 +139,8 @@ def test_expert_swiglu_scalar_bodies_in_bfloat16_on_a_cuda_device():
 
 
 def test_tensor_cores_only_where_the_runner_has_them(monkeypatch):
-    """Metal (the plain emulation) keeps the scalar pass 1; float32 activations and other bits do too."""
+    """Metal (the plain emulation) and CUDA cards without bf16 mma.sync keep the scalar pass 1; float32
+    activations and other bits do too."""
     assert not kernels.has_tensor_cores(run_emulated) and kernels.has_tensor_cores(run_emulated_cuda)
     for major, expected in ((7, False), (8, True), (9, True)):  # bf16 mma.sync needs sm_80
         kernels.cuda_capability.cache_clear()
@@ -312,7 +313,7 @@ def test_quantized_kv_decode_runs_the_kernel_end_to_end(mlx_checkpoint):
     assert calls.count("attention_decode_split") == calls.count("attention_decode_combine") == 3 * layers
 
 
-def test_cuda_twins_compile_and_fit_their_launches():
+def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     """Every body the CUDA runner would launch, at the shipped tunings and the ones the benchmark sweeps,
     compiles with nvcc for the H200 the way MLX wraps it, and its registers fit its threadgroup."""
     from cuda_compile import REGISTERS_PER_SM, compile_launches, nvcc
@@ -333,14 +334,10 @@ def test_cuda_twins_compile_and_fit_their_launches():
         pool.set_dtype(dtype)
         x = mx.array(rng.standard_normal((1, 512)).astype(np.float32)).astype(dtype)
         for tunings in ({}, {"MMA_KSPLIT": 4, "MMA_TILES": 2}, {"MMA_GATE_UP": False}):
-            saved = {name: getattr(kernels, name) for name in tunings}
-            for name, value in tunings.items():
-                setattr(kernels, name, value)
-            try:
+            with monkeypatch.context() as patched:
+                for name, value in tunings.items():
+                    patched.setattr(kernels, name, value)
                 expert_swiglu(x, pool, mx.zeros((1, 4), mx.uint32), mx.ones((1, 4)).astype(dtype), runner=capturing)
-            finally:
-                for name, value in saved.items():
-                    setattr(kernels, name, value)
     for hq, hkv, dim, bits in ((32, 4, 128, 4), (32, 2, 256, 4), (8, 8, 64, 8)):
         q = mx.zeros((1, hq, 1, dim), mx.bfloat16)
         cache = mx.quantize(mx.zeros((1, hkv, 4096, dim), mx.bfloat16), 64, bits)
