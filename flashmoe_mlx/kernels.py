@@ -74,12 +74,19 @@ def without_comments(source: str) -> str:
     return "\n".join(line for line in lines if line.strip()) + "\n"
 
 
+def mlx_sources(backend: str, kernel: str) -> tuple[str, str]:
+    """(header, source) that MLX's kernel builder gets for `kernel` on `backend`: the prelude's header, and its
+    prologue followed by the body, both without comments."""
+    header, prologue = prelude(backend)
+    return without_comments(header), without_comments(prologue + body_source(kernel))
+
+
 @lru_cache(maxsize=None)
 def _mlx_kernel(backend: str, kernel: str, input_names: tuple, output_names: tuple):
-    header, prologue = prelude(backend)
+    header, source = mlx_sources(backend, kernel)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     return make(name=f"flashmoe_{kernel}", input_names=list(input_names), output_names=list(output_names),
-                source=without_comments(prologue + body_source(kernel)), header=without_comments(header))
+                source=source, header=header)
 
 
 def run_on_gpu(launch: Launch) -> list[mx.array]:

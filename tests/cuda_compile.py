@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe_mlx.kernels import Launch, body_source, prelude, without_comments
+from flashmoe_mlx.kernels import Launch, mlx_sources
 
 CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.uint32: "uint32_t"}
 REGISTERS_PER_SM = 64 * 1024
@@ -26,8 +26,7 @@ def nvcc() -> str | None:
 
 def _kernel(launch: Launch, name: str) -> str:
     """One launch as MLX's CUDA backend writes it (mlx/backend/cuda/custom_kernel.cpp, build_kernel)."""
-    _, prologue = prelude("cuda")
-    body = without_comments(prologue + body_source(launch.kernel))
+    _, body = mlx_sources("cuda", launch.kernel)
     params = []
     for n, a in launch.inputs.items():
         params.append(f"const {CUDA_TYPES[a.dtype]}* {n}")
@@ -42,13 +41,13 @@ def _kernel(launch: Launch, name: str) -> str:
 def compile_launches(launches: list[Launch]) -> dict[str, int]:
     """nvcc every launch into one module for ARCH; returns each launch's registers per thread, keyed by
     `k<index>`. Raises with nvcc's message when a body does not compile."""
-    header, _ = prelude("cuda")
+    header, _ = mlx_sources("cuda", launches[0].kernel)
     source = "\n".join([
         "#include <cstdint>",
         "#include <cuda_bf16.h>",
         "#include <cuda_fp16.h>",
         "struct Shape { int32_t values[8]; __device__ int32_t operator[](int i) const { return values[i]; } };",
-        without_comments(header),
+        header,
         *(_kernel(launch, f"k{i}") for i, launch in enumerate(launches)),
     ])
     with tempfile.TemporaryDirectory() as folder:
