@@ -230,6 +230,15 @@ TWO_KEYS_PER_LANE_MAX = 1024  # (padded heads per kv head) x (head dim) up to wh
 # its value accumulator is then <= 32 floats, which leaves room for a second key's registers (32 / 4 heads of dim
 # 128: 128 registers per thread on sm_90 either way at 4 bits); 32 / 2 heads of dim 256 spill even at one key.
 COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum this many splits (16 SIMD-groups at most)
+# The split pass on tensor cores (CUDA only: attention_decode_split_mma.cu) where the runner has them and the cache
+# fits. H200, 32k keys, 32/4 heads of dim 128: 27.4-28.3 us against the scalar body's 48-52 (docs/BENCHMARKS.md).
+# Its launch: SIMD-groups per threadgroup, tiles in flight per SIMD-group (cp.async stages), keys per SIMD-group at
+# least (tiles of 16); the first two shrink where its threadgroup memory would not fit CUDA_SHARED_BYTES.
+MMA_ATTENTION = True
+MMA_ATTENTION_WARPS = 4
+MMA_ATTENTION_STAGES = 3
+MMA_KEYS_PER_SIMD_GROUP = 32
+CUDA_SHARED_BYTES = 48 << 10  # static shared memory of a CUDA kernel (the CUDA-only bodies)
 
 
 def split_shared_bytes(heads_per_kv: int, dim: int, warps: int, keys_per_lane: int) -> int:
@@ -263,6 +272,44 @@ def attention_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int) -
     return splits, warps, keys_per_lane
 
 
+def split_mma_shared_bytes(heads_per_kv: int, dim: int, group_size: int, warps: int, stages: int) -> int:
+    """Threadgroup memory that attention_decode_split_mma declares: each SIMD-group's ring of tiles (16 K and V
+    rows, padded, and their scales), which at the end holds each SIMD-group's partial sums (rows of dim + 1); q
+    as MMA fragments, and (max, sum) per head per SIMD-group."""
+    ring = warps * stages * (32 * (dim // 8 + 4) + 32 * (dim // group_size))
+    pool = max(ring, -(-warps * heads_per_kv * (dim + 1) // 4) * 4)
+    return 4 * (pool + dim // 16 * 128 + 32 * warps)
+
+
+def takes_attention_mma(dtype: mx.Dtype, scales_dtype: mx.Dtype, bits: int, heads_per_kv: int, dim: int,
+                        group_size: int) -> bool:
+    """What attention_decode_split_mma requires: bfloat16 queries and scales (exact as MMA operands and read in
+    pairs), 4 bits, at most 16 query heads per kv head (one MMA's rows), groups of 64 or more (a values tile of 16
+    dims in one group) and an even number of them per row (a key's scales in whole words)."""
+    return (dtype == scales_dtype == mx.bfloat16 and bits == 4 and heads_per_kv <= 16 and group_size >= 64
+            and dim % group_size == 0 and dim // group_size % 2 == 0)
+
+
+def attention_mma_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int,
+                         group_size: int) -> tuple[int, int, int]:
+    """(splits, SIMD-groups per threadgroup, stages) of the tensor-core split pass: MMA_ATTENTION_WARPS and
+    MMA_ATTENTION_STAGES, stages then SIMD-groups cut down (not below 2 and 1) until the threadgroup memory fits
+    CUDA_SHARED_BYTES; then splits doubled while each SIMD-group keeps MMA_KEYS_PER_SIMD_GROUP keys and the grid
+    stays <= 1024 threadgroups."""
+    warps, stages = MMA_ATTENTION_WARPS, MMA_ATTENTION_STAGES
+    while split_mma_shared_bytes(heads_per_kv, dim, group_size, warps, stages) > CUDA_SHARED_BYTES:
+        if stages > 2:
+            stages -= 1
+        elif warps > 1:
+            warps //= 2
+        else:
+            break
+    splits = 1
+    while splits < 256 and keys >= 2 * splits * warps * MMA_KEYS_PER_SIMD_GROUP and 2 * splits * batch_heads <= 1024:
+        splits *= 2
+    return splits, warps, stages
+
+
 def combine_warps(splits: int) -> int:
     """SIMD-groups per threadgroup of the combine pass."""
     return min(16, -(-splits // COMBINE_SPLITS_PER_SIMD_GROUP))
@@ -286,14 +333,19 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
     hkv, n = keys[0].shape[1], keys[0].shape[2]
     if runner is None or not supports_attention_decode(hq, hkv, d, bits, group_size):
         return attention_decode_reference(q, keys, values, scale, group_size, bits)
-    splits, warps, keys_per_lane = attention_layout(b * hkv, n, hq // hkv, d)
+    inputs = {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
+              "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)}
+    if MMA_ATTENTION and has_tensor_cores(runner) and takes_attention_mma(q.dtype, keys[1].dtype, bits, hq // hkv,
+                                                                          d, group_size):
+        splits, warps, stages = attention_mma_layout(b * hkv, n, hq // hkv, d, group_size)
+        kernel, extra = "attention_decode_split_mma", {"STAGES": stages}
+    else:
+        splits, warps, keys_per_lane = attention_layout(b * hkv, n, hq // hkv, d)
+        kernel, extra = "attention_decode_split", {"BITS": bits, "KEYS_PER_LANE": keys_per_lane}
     constants = {"T": q.dtype, "HQ": hq, "D": d, "SPLITS": splits}
     (o, ml) = runner(Launch(
-        "attention_decode_split",
-        {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
-         "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)},
-        {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
-        {**constants, "HKV": hkv, "BITS": bits, "GS": group_size, "WARPS": warps, "KEYS_PER_LANE": keys_per_lane},
+        kernel, inputs, {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
+        {**constants, "HKV": hkv, "GS": group_size, "WARPS": warps, **extra},
         b * hkv * splits * warps,
         threadgroup=32 * warps,
     ))

@@ -93,10 +93,10 @@ for (uint32_t b0 = part * ROUND; b0 < BLOCKS; b0 += KSPLIT * ROUND) {
         const uint32_t xb[2] = {mine ? pairs[4 * w + m] : 0u, mine ? pairs[4 * w + m + 1] : 0u};
         uint32_t a[4];
         UNROLL for (uint32_t r = 0; r < 4; ++r)
-          a[r] = flashmoe_bf16x2_minus_128(((gw[q][r % 2][s][w] >> (4 * (m + r / 2))) & 0x000F000Fu) | 0x43004300u);
+          a[r] = flashmoe_bf16x2_minus_128(flashmoe_nibble_pair(gw[q][r % 2][s][w] >> (4 * (m + r / 2))));
         flashmoe_mma_bf16(dg, a, xb);
         UNROLL for (uint32_t r = 0; r < 4; ++r)
-          a[r] = flashmoe_bf16x2_minus_128(((uw[q][r % 2][s][w] >> (4 * (m + r / 2))) & 0x000F000Fu) | 0x43004300u);
+          a[r] = flashmoe_bf16x2_minus_128(flashmoe_nibble_pair(uw[q][r % 2][s][w] >> (4 * (m + r / 2))));
         flashmoe_mma_bf16(du, a, xb);
       }
     }

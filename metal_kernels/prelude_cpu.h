@@ -17,14 +17,17 @@
 #define SIMD_SUM(v) flashmoe_simd_sum(v)
 #define SIMD_MAX(v) flashmoe_simd_max(v)
 #define SIMD_SHUFFLE(v, lane) flashmoe_simd_shuffle(v, lane)
+#define SIMD_ANY(p) (flashmoe_simd_max((p) ? 1.0f : 0.0f) > 0.0f)
 // Threadgroups run one after another, so one static array per declaration is the group's shared memory.
 #define SHARED(type, name, n) static type name[n]
 #define BARRIER() flashmoe_group->arrive_and_wait()
 #define EXP(v) std::exp(v)
+#define EXP2(v) std::exp2(v)
 #define FMA(a, b, c) std::fma(a, b, c)  // one rounding, as on the GPUs (x86 without -mfma: in software)
 #define UNROLL _Pragma("GCC unroll 32")
 struct alignas(16) float4 { float x, y, z, w; };
 #define FLOAT4(a, b, c, d) float4{a, b, c, d}
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
 #define SIMD_BARRIER() flashmoe_simd->meet.arrive_and_wait()
 // bfloat16 as MLX stores it (the top half of a float32), for T = bfloat16 and the tensor-core helpers.
 struct bfloat16 {
@@ -91,10 +94,24 @@ inline void flashmoe_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
   }
   flashmoe_simd->meet.arrive_and_wait();
 }
+// cp.async as plain copies: done at once, so commits and waits have nothing to do.
+inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) { std::memcpy(shared, global, 16); }
+inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) { *shared = *global; }
+inline void flashmoe_copy_commit() {}
+template <int N>
+inline void flashmoe_copy_wait() {}
+inline uint32_t flashmoe_nibble_pair(uint32_t v) { return (v & 0x000F000Fu) | 0x43004300u; }
 inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
   const auto minus = [](uint32_t bits16) { return std::bit_cast<uint32_t>(flashmoe_bf16_float(bits16) - 128.0f) >> 16; };
   return minus(v) | minus(v >> 16) << 16;
 }
+inline uint32_t flashmoe_byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
+  const uint64_t bytes = uint64_t(b) << 32 | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= uint32_t(bytes >> (8 * ((selector >> (4 * i)) & 7u)) & 0xFFu) << (8 * i);
+  return r;
+}
+inline uint32_t flashmoe_bf16x2(float lo, float hi) { return bfloat16(lo).bits | uint32_t(bfloat16(hi).bits) << 16; }
 
 // Run `body(lane, simd_in_tg, tg, tg_threads)` for every thread of `groups` threadgroups of `tg_threads`.
 template <typename Body>

@@ -7,9 +7,11 @@
 #define SIMD_SUM(v) flashmoe_warp_sum(v)
 #define SIMD_MAX(v) flashmoe_warp_max(v)
 #define SIMD_SHUFFLE(v, lane) __shfl_sync(0xffffffffu, v, lane)
+#define SIMD_ANY(p) __any_sync(0xffffffffu, p)
 #define SHARED(type, name, n) __shared__ type name[n]
 #define BARRIER() __syncthreads()
 #define EXP(v) expf(v)
+#define EXP2(v) flashmoe_exp2(v)
 #define FMA(a, b, c) fmaf(a, b, c)
 #define UNROLL _Pragma("unroll")
 #define FLOAT4(a, b, c, d) make_float4(a, b, c, d)
@@ -32,10 +34,42 @@ __device__ inline void flashmoe_mma_bf16(float* d, const uint32_t* a, const uint
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// The nibbles at bits 0 and 16 of v as the bfloat16 pair 128 + q: (v & 0x000F000F) | 0x43004300 in one LOP3
+// (left to the compiler, two immediates make it an AND and an OR).
+__device__ inline uint32_t flashmoe_nibble_pair(uint32_t v) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000F000Fu), "r"(0x43004300u));
+  return r;
+}
 // Both bfloat16 halves of v minus 128 (exact for the 128 + q this is used on).
 __device__ inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
   uint32_t r;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(0xC300C300u));
+  return r;
+}
+// Bytes of a (0-3) and b (4-7) picked by the selector's nibbles, as PTX's prmt.
+__device__ inline uint32_t flashmoe_byte_perm(uint32_t a, uint32_t b, uint32_t selector) { return __byte_perm(a, b, selector); }
+// Two floats as a bfloat16 pair (lo in the low half), each rounded to nearest even.
+__device__ inline uint32_t flashmoe_bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+// Asynchronous copies global -> shared (cp.async): 16 bytes (both 16-byte aligned) or 4; committed as a group,
+// and waited on until at most N groups are in flight.
+__device__ inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(uint32_t(__cvta_generic_to_shared(shared))), "l"(global));
+}
+__device__ inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(uint32_t(__cvta_generic_to_shared(shared))), "l"(global));
+}
+__device__ inline void flashmoe_copy_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ inline void flashmoe_copy_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+// 2^v in one instruction (ex2.approx; flushes subnormal results to 0); expf takes ~8.
+__device__ inline float flashmoe_exp2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
   return r;
 }
 __device__ inline float flashmoe_warp_sum(float v) {

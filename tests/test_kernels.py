@@ -200,12 +200,26 @@ def checking_shared_memory(launch):
     """run_emulated, after holding kernels.py's count of the launch's threadgroup memory to what the body
     declares (exact, and within SHARED_BYTES)."""
     c = launch.constants
+    limit = kernels.SHARED_BYTES
     if launch.kernel == "attention_decode_split":
         counted = kernels.split_shared_bytes(c["HQ"] // c["HKV"], c["D"], c["WARPS"], c["KEYS_PER_LANE"])
+    elif launch.kernel == "attention_decode_split_mma":  # CUDA-only: CUDA's static limit
+        counted = kernels.split_mma_shared_bytes(c["HQ"] // c["HKV"], c["D"], c["GS"], c["WARPS"], c["STAGES"])
+        limit = kernels.CUDA_SHARED_BYTES
     else:
         counted = kernels.combine_shared_bytes(c["SPLITS"], c["WARPS"])
-    assert shared_bytes(launch) == counted <= kernels.SHARED_BYTES
+    assert shared_bytes(launch) == counted <= limit
     return run_emulated(launch)
+
+
+def checking_shared_memory_cuda(launch):
+    """checking_shared_memory as a CUDA device (the tensor-core bodies too), counting the kernels it ran."""
+    checking_shared_memory_cuda.ran.append(launch.kernel)
+    return checking_shared_memory(launch)
+
+
+checking_shared_memory_cuda.tensor_cores = True
+checking_shared_memory_cuda.ran = []
 
 
 @pytest.mark.parametrize("batch, q_heads, kv_heads, keys, dim, bits, group_size", [
@@ -239,6 +253,70 @@ def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads,
     assert mx.abs(mlx_lm_out - want).max().item() <= 1e-4
 
 
+def check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed):
+    """attention_decode with the tensor-core split pass (emulated) against the float32 reference over the same
+    bfloat16 inputs. Tolerance: the output's bfloat16 rounding (2^-9 relative) plus P rounded to bfloat16 before
+    it weights V (2^-9 of each weight: at most 2^-9 max|V|), each doubled."""
+    from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
+
+    rng = np.random.default_rng(seed)
+    bf16 = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(mx.bfloat16)  # noqa: E731
+    q = bf16(batch, q_heads, 1, dim)
+    k = mx.quantize(bf16(batch, kv_heads, keys, dim), group_size, 4)
+    v = mx.quantize(bf16(batch, kv_heads, keys, dim), group_size, 4)
+    checking_shared_memory_cuda.ran.clear()
+    got = attention_decode(q, k, v, dim ** -0.5, group_size, 4, runner=checking_shared_memory_cuda)
+    assert checking_shared_memory_cuda.ran == ["attention_decode_split_mma", "attention_decode_combine"]
+    f32 = lambda cache: tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in cache)  # noqa: E731
+    want = attention_decode_reference(q.astype(mx.float32), f32(k), f32(v), dim ** -0.5, group_size, 4)
+    v_max = mx.abs(mx.dequantize(*f32(v), group_size=group_size, bits=4)).max().item()
+    error = mx.abs(got.astype(mx.float32) - want).max().item()
+    assert got.dtype == mx.bfloat16 and np.isfinite(np.array(got.astype(mx.float32))).all()
+    assert error <= 2 * (2 ** -9 * mx.abs(want).max().item() + 2 ** -9 * v_max), error
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, keys, dim, group_size", [
+    (1, 8, 1, 40, 128, 64),      # GQA 8:1 (the 32/4-head benchmark's), a partial second tile
+    (1, 16, 1, 300, 128, 64),    # 16 heads: two head blocks of the values' MMA
+    (2, 4, 2, 100, 128, 64),     # batch 2, heads padded to 16 rows (4 real)
+    (1, 12, 1, 700, 256, 64),    # dim 256, 12 heads: the second head block padded; two splits
+    (1, 8, 2, 9, 256, 128),      # fewer keys than a tile; groups of 128 (a lane's four words)
+    (1, 16, 2, 1100, 128, 64),   # several splits, each ending in a partial tile
+])
+def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_heads, keys, dim, group_size):
+    check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys)
+
+
+@pytest.mark.parametrize("warps, stages, keys_per_simd_group", [(1, 2, 16), (2, 4, 32), (8, 3, 16)])
+def test_attention_decode_tensor_core_body_at_other_launch_tunings(warps, stages, keys_per_simd_group, monkeypatch):
+    """SIMD-groups per threadgroup (merged in threadgroup memory; some with no keys), cp.async stages (the ring's
+    reuse), and many splits of a few tiles each."""
+    monkeypatch.setattr(kernels, "MMA_ATTENTION_WARPS", warps)
+    monkeypatch.setattr(kernels, "MMA_ATTENTION_STAGES", stages)
+    monkeypatch.setattr(kernels, "MMA_KEYS_PER_SIMD_GROUP", keys_per_simd_group)
+    check_tensor_core_attention(1, 16, 2, 333, 128, 64, seed=warps)
+
+
+def test_attention_tensor_cores_only_where_the_body_takes_the_cache():
+    """bfloat16 queries and scales, 4 bits, <= 16 heads per kv head, groups >= 64, an even number of groups;
+    the shapes it does not take run the scalar body on a CUDA device."""
+    from flashmoe_mlx.kernels import attention_decode, takes_attention_mma
+
+    bf16 = mx.bfloat16
+    assert takes_attention_mma(bf16, bf16, 4, 8, 128, 64) and takes_attention_mma(bf16, bf16, 4, 16, 256, 128)
+    assert not takes_attention_mma(mx.float32, mx.float32, 4, 8, 128, 64)
+    assert not takes_attention_mma(bf16, mx.float16, 4, 8, 128, 64)
+    assert not takes_attention_mma(bf16, bf16, 8, 8, 128, 64)
+    assert not takes_attention_mma(bf16, bf16, 4, 32, 128, 64)
+    assert not takes_attention_mma(bf16, bf16, 4, 8, 128, 32)
+    assert not takes_attention_mma(bf16, bf16, 4, 8, 64, 64)  # one group per row: a key's scales in half a word
+    q = mx.zeros((1, 8, 1, 128), mx.float32)
+    cache = mx.quantize(mx.zeros((1, 1, 20, 128), mx.float32), 64, 4)
+    checking_shared_memory_cuda.ran.clear()
+    attention_decode(q, cache, cache, 0.1, 64, 4, runner=checking_shared_memory_cuda)
+    assert checking_shared_memory_cuda.ran == ["attention_decode_split", "attention_decode_combine"]
+
+
 def test_attention_decode_combine_body_takes_uneven_shares():
     """The combine body over any SPLITS and WARPS (the wrapper only makes powers of two): 13 splits on 3
     SIMD-groups (shares of 5, 4, 4), maxima far apart, and an empty split (max -3e38, sum 0, vector 0)."""
@@ -266,6 +344,18 @@ def test_attention_layout_of_the_benchmark_shapes():
     assert attention_layout(4, 32768, 8, 128) == (64, 8, 2) and combine_warps(64) == 8
     assert attention_layout(2, 32768, 16, 256) == (256, 2, 1) and combine_warps(256) == 16
     assert split_shared_bytes(8, 128, 8, 2) == 25216 and split_shared_bytes(16, 256, 2, 1) == 23296
+
+
+def test_attention_mma_layout_of_the_benchmark_shapes():
+    """The tensor-core split pass: 4 SIMD-groups of 3 stages at dim 128 (37.5 KiB), cut to 2 stages and then
+    2 SIMD-groups at 32/2 heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 32 keys per SIMD-group at
+    dim 128 (1024 threadgroups), 64 at dim 256 (256 splits at most)."""
+    from flashmoe_mlx.kernels import CUDA_SHARED_BYTES, attention_mma_layout, split_mma_shared_bytes
+
+    assert attention_mma_layout(4, 32768, 8, 128, 64) == (256, 4, 3)
+    assert attention_mma_layout(2, 32768, 16, 256, 64) == (256, 2, 2)
+    assert split_mma_shared_bytes(8, 128, 64, 4, 3) == 38400 <= CUDA_SHARED_BYTES
+    assert split_mma_shared_bytes(16, 256, 64, 4, 2) > CUDA_SHARED_BYTES >= split_mma_shared_bytes(16, 256, 64, 2, 2)
 
 
 def test_attention_decode_shapes_the_kernel_does_not_take_run_the_reference():
@@ -341,10 +431,14 @@ def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     for hq, hkv, dim, bits in ((32, 4, 128, 4), (32, 2, 256, 4), (8, 8, 64, 8)):
         q = mx.zeros((1, hq, 1, dim), mx.bfloat16)
         cache = mx.quantize(mx.zeros((1, hkv, 4096, dim), mx.bfloat16), 64, bits)
-        attention_decode(q, cache, cache, dim ** -0.5, 64, bits, runner=capturing)
+        for tunings in ({}, {"MMA_ATTENTION_WARPS": 8, "MMA_ATTENTION_STAGES": 2}, {"MMA_ATTENTION": False}):
+            with monkeypatch.context() as patched:
+                for name, value in tunings.items():
+                    patched.setattr(kernels, name, value)
+                attention_decode(q, cache, cache, dim ** -0.5, 64, bits, runner=capturing)
     assert {launch.kernel for launch in launches} == {
         "expert_swiglu_gate_up", "expert_swiglu_gate_up_mma", "expert_swiglu_down",
-        "attention_decode_split", "attention_decode_combine"}
+        "attention_decode_split", "attention_decode_split_mma", "attention_decode_combine"}
     registers = compile_launches(launches)
     for i, launch in enumerate(launches):
         assert registers[f"k{i}"] * launch.threadgroup <= REGISTERS_PER_SM, (launch.kernel, launch.constants)
