@@ -12,7 +12,9 @@ counts the active expert bytes (weights, scales, biases of the k experts); the b
 bandwidth measured here.
 
 attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
-mlx-lm's quantized attention, plus a sweep of keys per SIMD-group (the split count) and of keys per lane.
+mlx-lm's quantized attention (on CUDA also with the scalar split body in place of the tensor-core one), plus a
+sweep of the split pass's launch: on CUDA the tensor-core body's SIMD-groups, stages and keys per SIMD-group;
+elsewhere the scalar body's keys per SIMD-group (the split count) and keys per lane.
 """
 
 from __future__ import annotations
@@ -164,11 +166,25 @@ def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
     return out
 
 
+def mma_attention_sweep(choices=((4, 3, 64), (4, 2, 64), (2, 3, 64), (8, 2, 64), (4, 3, 32), (4, 3, 128))):
+    """attention_decode's ms with the tensor-core split pass at other (SIMD-groups, stages, min keys per
+    SIMD-group); the layout still cuts the first two where threadgroup memory would not fit."""
+    out = []
+    for warps, stages, keys in choices:
+        with tuned(MMA_ATTENTION_WARPS=warps, MMA_ATTENTION_STAGES=stages, MMA_KEYS_PER_SIMD_GROUP=keys):
+            ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
+                  attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
+        out.append({"warps": warps, "stages": stages, "keys_per_simd_group": keys, "ms": ms})
+    return out
+
+
 def profile_once():
     """One layer and one attention step, each path twice (the fused path with each choice of bodies): a short
     run for a kernel profiler (ncu) to time the kernels alone."""
-    attention(iters=2, check=False)
-    attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
+    for mma in (False, True):
+        with tuned(MMA_ATTENTION=mma):
+            attention(iters=2, check=False)
+            attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
     for bits in ((4, 4), (3, 4)):
         pool = quantized_pool(4096, 1024, 64, *bits, 64, mx.bfloat16)
         ids = mx.array(np.arange(0, 60, 6)[None].astype(np.uint32))
@@ -216,6 +232,11 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
              "mlx_lm quantized": lambda: quantized_scaled_dot_product_attention(q, k, v, scale=scale, mask=None,
                                                                                 group_size=group_size, bits=bits),
              "attention_decode": lambda: attention_decode(q, k, v, scale, group_size, bits)}
+    if kernels.has_tensor_cores(active_runner()):
+        def scalar_body():
+            with tuned(MMA_ATTENTION=False):
+                return attention_decode(q, k, v, scale, group_size, bits)
+        paths["attention_decode, scalar split body"] = scalar_body
     times = {}
     for name, fn in paths.items():
         for _ in range(3):
@@ -255,11 +276,19 @@ def main():
             for name, ms in attn["ms"].items():
                 print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
                       f"| {attn['fmas'] / ms / 1e9:.1f} |")
-        result["keys_sweep"] = keys_sweep()
-        print("\n| min keys per SIMD-group | keys per lane | ms (32/4 heads, dim 128) | ms (32/2 heads, dim 256) |"
-              "\n|---|---|---|---|")
-        for r in result["keys_sweep"]:
-            print(f"| {r['keys_per_simd_group']} | {r['keys_per_lane']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
+        if kernels.has_tensor_cores(active_runner()):
+            result["mma_attention_sweep"] = mma_attention_sweep()
+            print("\n| SIMD-groups | stages | min keys per SIMD-group | ms (32/4 heads, dim 128) "
+                  "| ms (32/2 heads, dim 256) |\n|---|---|---|---|---|")
+            for r in result["mma_attention_sweep"]:
+                print(f"| {r['warps']} | {r['stages']} | {r['keys_per_simd_group']} | {r['ms'][0]:.3f} "
+                      f"| {r['ms'][1]:.3f} |")
+        else:
+            result["keys_sweep"] = keys_sweep()
+            print("\n| min keys per SIMD-group | keys per lane | ms (32/4 heads, dim 128) | ms (32/2 heads, dim 256) |"
+                  "\n|---|---|---|---|")
+            for r in result["keys_sweep"]:
+                print(f"| {r['keys_per_simd_group']} | {r['keys_per_lane']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
     if args.only == "attention":
         if args.json:
             with open(args.json, "w") as f:
