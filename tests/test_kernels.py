@@ -287,13 +287,14 @@ def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_
     check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys)
 
 
-@pytest.mark.parametrize("warps, stages, keys_per_simd_group", [(1, 2, 16), (2, 4, 32), (8, 3, 16)])
+@pytest.mark.parametrize("warps, stages, keys_per_simd_group", [(1, 2, 64), (2, 4, 32), (4, 3, 16)])
 def test_attention_decode_tensor_core_body_at_other_launch_tunings(warps, stages, keys_per_simd_group, monkeypatch):
-    """SIMD-groups per threadgroup (merged in threadgroup memory; some with no keys), cp.async stages (the ring's
-    reuse), and many splits of a few tiles each."""
+    """Launches the shipped one does not make: one SIMD-group walking 11 tiles through a ring of 2 stages; more
+    stages than tiles (3 per SIMD-group); 4 SIMD-groups merged in threadgroup memory, the last with no keys."""
     monkeypatch.setattr(kernels, "MMA_ATTENTION_WARPS", warps)
     monkeypatch.setattr(kernels, "MMA_ATTENTION_STAGES", stages)
     monkeypatch.setattr(kernels, "MMA_KEYS_PER_SIMD_GROUP", keys_per_simd_group)
+    assert kernels.attention_mma_layout(2, 333, 8, 128, 64)[1:] == (warps, stages)  # as asked: it fits
     check_tensor_core_attention(1, 16, 2, 333, 128, 64, seed=warps)
 
 
@@ -431,7 +432,7 @@ def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     for hq, hkv, dim, bits in ((32, 4, 128, 4), (32, 2, 256, 4), (8, 8, 64, 8)):
         q = mx.zeros((1, hq, 1, dim), mx.bfloat16)
         cache = mx.quantize(mx.zeros((1, hkv, 4096, dim), mx.bfloat16), 64, bits)
-        for tunings in ({}, {"MMA_ATTENTION_WARPS": 8, "MMA_ATTENTION_STAGES": 2}, {"MMA_ATTENTION": False}):
+        for tunings in ({}, {"MMA_ATTENTION_WARPS": 2, "MMA_ATTENTION_STAGES": 4}, {"MMA_ATTENTION": False}):
             with monkeypatch.context() as patched:
                 for name, value in tunings.items():
                     patched.setattr(kernels, name, value)
