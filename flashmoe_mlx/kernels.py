@@ -281,12 +281,12 @@ def split_mma_shared_bytes(heads_per_kv: int, dim: int, group_size: int, warps: 
     return 4 * (pool + dim // 16 * 128 + 32 * warps)
 
 
-def takes_attention_mma(dtype: mx.Dtype, scales_dtype: mx.Dtype, bits: int, heads_per_kv: int, dim: int,
-                        group_size: int) -> bool:
-    """What attention_decode_split_mma requires: bfloat16 queries and scales (exact as MMA operands and read in
-    pairs), 4 bits, at most 16 query heads per kv head (one MMA's rows), groups of 64 or more (a values tile of 16
-    dims in one group) and an even number of them per row (a key's scales in whole words)."""
-    return (dtype == scales_dtype == mx.bfloat16 and bits == 4 and heads_per_kv <= 16 and group_size >= 64
+def takes_attention_mma(dtypes: tuple, bits: int, heads_per_kv: int, dim: int, group_size: int) -> bool:
+    """What attention_decode_split_mma requires: bfloat16 queries and K and V scales and biases (`dtypes`: exact as
+    MMA operands, scales read in pairs), 4 bits, at most 16 query heads per kv head (one MMA's rows), groups of 64
+    or more (a values tile of 16 dims in one group) and an even number of them per row (a key's scales in whole
+    words)."""
+    return (all(d == mx.bfloat16 for d in dtypes) and bits == 4 and heads_per_kv <= 16 and group_size >= 64
             and dim % group_size == 0 and dim // group_size % 2 == 0)
 
 
@@ -335,8 +335,8 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
         return attention_decode_reference(q, keys, values, scale, group_size, bits)
     inputs = {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
               "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)}
-    if MMA_ATTENTION and has_tensor_cores(runner) and takes_attention_mma(q.dtype, keys[1].dtype, bits, hq // hkv,
-                                                                          d, group_size):
+    dtypes = (q.dtype, *(a.dtype for a in (*keys[1:], *values[1:])))
+    if MMA_ATTENTION and has_tensor_cores(runner) and takes_attention_mma(dtypes, bits, hq // hkv, d, group_size):
         splits, warps, stages = attention_mma_layout(b * hkv, n, hq // hkv, d, group_size)
         kernel, extra = "attention_decode_split_mma", {"STAGES": stages}
     else:

@@ -299,18 +299,18 @@ def test_attention_decode_tensor_core_body_at_other_launch_tunings(warps, stages
 
 
 def test_attention_tensor_cores_only_where_the_body_takes_the_cache():
-    """bfloat16 queries and scales, 4 bits, <= 16 heads per kv head, groups >= 64, an even number of groups;
-    the shapes it does not take run the scalar body on a CUDA device."""
+    """bfloat16 queries, scales and biases, 4 bits, <= 16 heads per kv head, groups >= 64, an even number of
+    groups; the shapes it does not take run the scalar body on a CUDA device."""
     from flashmoe_mlx.kernels import attention_decode, takes_attention_mma
 
-    bf16 = mx.bfloat16
-    assert takes_attention_mma(bf16, bf16, 4, 8, 128, 64) and takes_attention_mma(bf16, bf16, 4, 16, 256, 128)
-    assert not takes_attention_mma(mx.float32, mx.float32, 4, 8, 128, 64)
-    assert not takes_attention_mma(bf16, mx.float16, 4, 8, 128, 64)
-    assert not takes_attention_mma(bf16, bf16, 8, 8, 128, 64)
-    assert not takes_attention_mma(bf16, bf16, 4, 32, 128, 64)
-    assert not takes_attention_mma(bf16, bf16, 4, 8, 128, 32)
-    assert not takes_attention_mma(bf16, bf16, 4, 8, 64, 64)  # one group per row: a key's scales in half a word
+    bf16 = (mx.bfloat16,) * 5
+    assert takes_attention_mma(bf16, 4, 8, 128, 64) and takes_attention_mma(bf16, 4, 16, 256, 128)
+    assert not takes_attention_mma((mx.float32,) * 5, 4, 8, 128, 64)
+    assert not takes_attention_mma(bf16[:4] + (mx.float16,), 4, 8, 128, 64)  # V's biases
+    assert not takes_attention_mma(bf16, 8, 8, 128, 64)
+    assert not takes_attention_mma(bf16, 4, 32, 128, 64)
+    assert not takes_attention_mma(bf16, 4, 8, 128, 32)
+    assert not takes_attention_mma(bf16, 4, 8, 64, 64)  # one group per row: a key's scales in half a word
     q = mx.zeros((1, 8, 1, 128), mx.float32)
     cache = mx.quantize(mx.zeros((1, 1, 20, 128), mx.float32), 64, 4)
     checking_shared_memory_cuda.ran.clear()
