@@ -266,7 +266,7 @@ for (uint32_t t = 0; t < tiles; ++t) {
   }
 }
 flashmoe_copy_wait<0>();
-// Merge: the quad's shares, then the SIMD-groups, with M = max of their maxima and each scaled by e^(m - M).
+// Merge: the quad's shares, then the SIMD-groups, with M = max of their maxima and each scaled by 2^(m - M).
 UNROLL for (uint32_t row = 0; row < 2; ++row) {
   l[row] += SIMD_SHUFFLE(l[row], LANE ^ 1);
   l[row] += SIMD_SHUFFLE(l[row], LANE ^ 2);
@@ -280,7 +280,7 @@ UNROLL for (uint32_t row = 0; row < 2; ++row) {
   }
 }
 BARRIER();  // every SIMD-group is past its loop: the rings are free for the partial sums
-float factor[HB][2], bias[HB][2][NG];  // for heads 8 hb + 2 c + e: this SIMD-group's e^(m - M), its bias sums
+float factor[HB][2], bias[HB][2][NG];  // for heads 8 hb + 2 c + e: this SIMD-group's 2^(m - M), its bias sums
 UNROLL for (uint32_t hb = 0; hb < HB; ++hb) {
   UNROLL for (uint32_t e = 0; e < 2; ++e) {
     const uint32_t head = 8 * hb + 2 * c + e < G ? 8 * hb + 2 * c + e : 0;
