@@ -17,6 +17,7 @@ from importlib.resources import files
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 PROLOGUE_MARK = "// ---- prologue ----"
 THREADGROUP = 128  # 4 SIMD-groups
@@ -85,13 +86,22 @@ def mlx_sources(backend: str, kernel: str) -> tuple[str, str]:
 def _mlx_kernel(backend: str, kernel: str, input_names: tuple, output_names: tuple):
     header, source = mlx_sources(backend, kernel)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    # A body that reads its inputs' strides takes them as they are, views included; the rest get row-contiguous
+    # copies where needed.
     return make(name=f"flashmoe_{kernel}", input_names=list(input_names), output_names=list(output_names),
-                source=source, header=header)
+                source=source, header=header, ensure_row_contiguous="_strides" not in source)
+
+
+@lru_cache(maxsize=None)
+def gpu_backend() -> str | None:
+    """"metal", "cuda", or None where MLX has neither; asked once (a decode step launches hundreds of kernels)."""
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda" if hasattr(mx, "cuda") and mx.cuda.is_available() else None
 
 
 def run_on_gpu(launch: Launch) -> list[mx.array]:
-    backend = "metal" if mx.metal.is_available() else "cuda"
-    kernel = _mlx_kernel(backend, launch.kernel, tuple(launch.inputs), tuple(launch.outputs))
+    kernel = _mlx_kernel(gpu_backend(), launch.kernel, tuple(launch.inputs), tuple(launch.outputs))
     return kernel(
         inputs=list(launch.inputs.values()),
         template=list(launch.constants.items()),
@@ -113,13 +123,12 @@ def has_tensor_cores(runner) -> bool:
     """Whether `runner` takes the CUDA-only tensor-core bodies: the CUDA runner on a card with bf16 mma.sync
     (sm_80 and newer), or a runner marked `tensor_cores` (the tests' emulation of a CUDA device)."""
     if runner is run_on_gpu:
-        return not mx.metal.is_available() and cuda_capability() >= 8
+        return gpu_backend() == "cuda" and cuda_capability() >= 8
     return getattr(runner, "tensor_cores", False)
 
 
 def default_runner():
-    gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
-    return run_on_gpu if gpu and mx.default_device() == mx.gpu else None
+    return run_on_gpu if gpu_backend() is not None and mx.default_device() == mx.gpu else None
 
 
 _runner_override = []
@@ -333,8 +342,8 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
     hkv, n = keys[0].shape[1], keys[0].shape[2]
     if runner is None or not supports_attention_decode(hq, hkv, d, bits, group_size):
         return attention_decode_reference(q, keys, values, scale, group_size, bits)
-    inputs = {"q": q.reshape(b, hq, d), "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
-              "v_s": values[1], "v_b": values[2], "scale": mx.array([scale], mx.float32)}
+    inputs = {"q": q, "k_w": keys[0], "k_s": keys[1], "k_b": keys[2], "v_w": values[0],
+              "v_s": values[1], "v_b": values[2]}
     dtypes = (q.dtype, *(a.dtype for a in (*keys[1:], *values[1:])))
     if MMA_ATTENTION and has_tensor_cores(runner) and takes_attention_mma(dtypes, bits, hq // hkv, d, group_size):
         splits, warps, stages = attention_mma_layout(b * hkv, n, hq // hkv, d, group_size)
@@ -345,14 +354,19 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
     constants = {"T": q.dtype, "HQ": hq, "D": d, "SPLITS": splits}
     (o, ml) = runner(Launch(
         kernel, inputs, {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
-        {**constants, "HKV": hkv, "GS": group_size, "WARPS": warps, **extra},
+        {**constants, "HKV": hkv, "GS": group_size, "WARPS": warps, "SCALE_BITS": float32_bits(scale), **extra},
         b * hkv * splits * warps,
         threadgroup=32 * warps,
     ))
     combine = combine_warps(splits)
-    (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, d), q.dtype)},
+    (out,) = runner(Launch("attention_decode_combine", {"o": o, "ml": ml}, {"out": ((b, hq, 1, d), q.dtype)},
                            {**constants, "WARPS": combine}, b * hq * d // 32 * combine, threadgroup=32 * combine))
-    return out.reshape(b, hq, 1, d)
+    return out
+
+
+def float32_bits(value: float) -> int:
+    """A float's float32 bits as a (signed 32-bit) template constant."""
+    return int(np.float32(value).view(np.int32))
 
 
 def attention_decode_reference(q, keys, values, scale, group_size, bits):

@@ -4,7 +4,7 @@
 // split, not per lane) and the denominator; then SIMD-group w sums splits w, w + WARPS, ... with lane = dim
 // (coalesced loads of o, independent of one another: no chain of loads or exps over all the splits), and
 // SIMD-group 0 adds up the WARPS partial vectors.
-// Inputs: o [B, HQ, SPLITS, D] float; ml [B, HQ, SPLITS, 2] float. Output: out [B, HQ, D] (T).
+// Inputs: o [B, HQ, SPLITS, D] float; ml [B, HQ, SPLITS, 2] float. Output: out [B, HQ, 1, D] (T).
 // Template constants: T, HQ, D, SPLITS, WARPS (threadgroup: 32 * WARPS). Grid: B * HQ * D / 32 threadgroups.
 // Threadgroup memory, in floats: SPLITS + WARPS * 34 (kernels.py counts it).
 constexpr uint32_t SHARE = (SPLITS + WARPS - 1) / WARPS;  // splits per SIMD-group, at most

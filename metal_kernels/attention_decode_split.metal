@@ -9,10 +9,13 @@
 // of the sum, added up once at the end. Values: lane = D/32 consecutive dims, keys in turn, the chunk's
 // softmax weights read from threadgroup memory. At the end the SIMD-groups merge their (max, sum, accumulator).
 // Heads are padded to GP, a multiple of 4, with zero queries (their results are never written).
-// Inputs: q [B, HQ, D] (T); k_w, v_w [B, HKV, N, D*BITS/32] uint32; k_s, k_b, v_s, v_b [B, HKV, N, D/GS] (T);
-// scale [1] float. Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
+// Inputs: q [B, HQ, 1, D] (T); k_w, v_w [B, HKV, N, D*BITS/32] uint32; k_s, k_b, v_s, v_b [B, HKV, N, D/GS] (T).
+// Every input is read through its strides: the cache arrays are views of a longer buffer (mlx-lm's caches slice
+// theirs at the current length), which MLX would otherwise copy whole on each call. A key's row is whole and
+// contiguous (a slice along the keys keeps it so). Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
 // Template constants: T, HQ, HKV, D, BITS, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), KEYS_PER_LANE (1 or
-// 2: the second key's registers against half the q reads; the wrapper picks per shape). B, N: k_w's shape.
+// 2: the second key's registers against half the q reads; the wrapper picks per shape), SCALE_BITS (the score
+// scale's float32 bits: constant per model, and no small array to build and move per call). B, N: k_w's shape.
 // Threadgroup memory, in floats: GP * (D + D/32) + WARPS * (CHUNK * GP + D + 2 * GP) (kernels.py counts it).
 // Requires (D/32) * BITS to divide 32 or be a multiple of it, and D/32 to divide GS (the wrapper checks).
 constexpr uint32_t G = HQ / HKV;
@@ -37,13 +40,20 @@ const uint32_t split = TG % SPLITS;
 const uint32_t kvh = (TG / SPLITS) % HKV;
 const uint32_t b = TG / (SPLITS * HKV);
 const uint32_t tid = SIMD_IN_TG * 32 + LANE;
-const uint32_t q0 = (b * HQ + kvh * G) * D;  // q of this kv head's first query head
-const float qk_scale = scale[0];
+const DEVICE T* q_kv = q + b * q_strides[0] + kvh * G * q_strides[1];  // this kv head's first query head
+const DEVICE uint32_t* kw_rows = k_w + b * k_w_strides[0] + kvh * k_w_strides[1];  // key 0's rows
+const DEVICE T* ks_rows = k_s + b * k_s_strides[0] + kvh * k_s_strides[1];
+const DEVICE T* kb_rows = k_b + b * k_b_strides[0] + kvh * k_b_strides[1];
+const DEVICE uint32_t* vw_rows = v_w + b * v_w_strides[0] + kvh * v_w_strides[1];
+const DEVICE T* vs_rows = v_s + b * v_s_strides[0] + kvh * v_s_strides[1];
+const DEVICE T* vb_rows = v_b + b * v_b_strides[0] + kvh * v_b_strides[1];
+const float qk_scale = AS_FLOAT(uint32_t(SCALE_BITS));
 for (uint32_t e = tid; e < D * G4; e += 32 * WARPS) {
   const uint32_t d = e / G4, h = e % G4 * 4;
   float v[4];
   UNROLL for (uint32_t k = 0; k < 4; ++k)
-    v[k] = h + k < G ? float(q[q0 + (h + k) * D + d]) * qk_scale * flashmoe_prescale<BITS>(d % 32) : 0.0f;
+    v[k] = h + k < G ? float(q_kv[(h + k) * q_strides[1] + d * q_strides[3]]) * qk_scale * flashmoe_prescale<BITS>(d % 32)
+                     : 0.0f;
   qs[e] = FLOAT4(v[0], v[1], v[2], v[3]);
 }
 BARRIER();
@@ -68,7 +78,6 @@ const uint32_t per_warp = ((per_split + WARPS - 1) / WARPS + CHUNK - 1) / CHUNK 
 const uint32_t split_end = (split + 1) * per_split < N ? (split + 1) * per_split : N;
 const uint32_t n0 = split * per_split + SIMD_IN_TG * per_warp;
 const uint32_t n1 = n0 + per_warp < split_end ? n0 + per_warp : split_end;
-const uint32_t row0 = (b * HKV + kvh) * N;  // cache row of key 0
 const uint32_t mine = SIMD_IN_TG * CHUNK * G4;
 float m[GP], l[GP], acc[GP][DPL];  // m: the SIMD-group's running max; l: this lane's share of the sum
 UNROLL for (uint32_t h = 0; h < GP; ++h) {
@@ -82,11 +91,11 @@ for (uint32_t c = n0; c < n1; c += CHUNK) {
   uint32_t kw[KEYS_PER_LANE][ROW_WORDS];
   float ks[KEYS_PER_LANE][PACKS], kb[KEYS_PER_LANE][PACKS];
   UNROLL for (uint32_t k = 0; k < KEYS_PER_LANE; ++k) {
-    const uint32_t krow = row0 + c + (32 * k + LANE < count ? 32 * k + LANE : count - 1);
-    flashmoe_load_words<ROW_WORDS, ALIGN>(k_w + krow * ROW_WORDS, kw[k]);
+    const uint32_t krow = c + (32 * k + LANE < count ? 32 * k + LANE : count - 1);
+    flashmoe_load_words<ROW_WORDS, ALIGN>(kw_rows + krow * ROW_WORDS, kw[k]);
     UNROLL for (uint32_t p = 0; p < PACKS; ++p) {
-      ks[k][p] = float(k_s[krow * ROW_GROUPS + p * 32 / GS]);
-      kb[k][p] = float(k_b[krow * ROW_GROUPS + p * 32 / GS]);
+      ks[k][p] = float(ks_rows[krow * ROW_GROUPS + p * 32 / GS]);
+      kb[k][p] = float(kb_rows[krow * ROW_GROUPS + p * 32 / GS]);
     }
   }
   // Key values come scaled (flashmoe_scaled_value), so a pack adds straight into the scores; its bias adds
@@ -152,10 +161,10 @@ for (uint32_t c = n0; c < n1; c += CHUNK) {
     uint32_t vw[8][LANE_WORDS];
     float vs[8], vb[8];
     UNROLL for (uint32_t jj = 0; jj < 8; ++jj) {
-      const uint32_t vrow = row0 + c + (j0 + jj < count ? j0 + jj : count - 1);
-      UNROLL for (uint32_t k = 0; k < LANE_WORDS; ++k) vw[jj][k] = v_w[vrow * ROW_WORDS + word + k] >> shift;
-      vs[jj] = float(v_s[vrow * ROW_GROUPS + group]);
-      vb[jj] = float(v_b[vrow * ROW_GROUPS + group]);
+      const uint32_t vrow = c + (j0 + jj < count ? j0 + jj : count - 1);
+      UNROLL for (uint32_t k = 0; k < LANE_WORDS; ++k) vw[jj][k] = vw_rows[vrow * ROW_WORDS + word + k] >> shift;
+      vs[jj] = float(vs_rows[vrow * ROW_GROUPS + group]);
+      vb[jj] = float(vb_rows[vrow * ROW_GROUPS + group]);
     }
     UNROLL for (uint32_t jj = 0; jj < 8; ++jj) {
       float v[DPL];

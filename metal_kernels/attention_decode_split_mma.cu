@@ -18,9 +18,10 @@
 //   128 + q; one more MMA per group (A = 128) accumulates what to take off. V's biases add sum_keys P * bias per
 //   (head, group), kept apart in float32. Rescaling O is skipped while no head's max moves.
 // At the end the SIMD-groups merge (max, sum, O) in threadgroup memory into one partial per (head, split).
-// Inputs, outputs and the combine pass as attention_decode_split.metal (ml's max in base e). Template
-// constants: T (bfloat16), HQ, HKV, D, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), STAGES (tiles in flight per
-// SIMD-group, >= 2). Requires G = HQ / HKV <= 16, GS >= 64, D % GS == 0 and an even number of groups per row
+// Inputs (read through their strides), outputs and the combine pass as attention_decode_split.metal (ml's max
+// in base e). Template
+// constants: T (bfloat16), HQ, HKV, D, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), SCALE_BITS (as there), STAGES
+// (tiles in flight per SIMD-group, >= 2). Requires G = HQ / HKV <= 16, GS >= 64, D % GS == 0 and an even number of groups per row
 // (the wrapper checks). Threadgroup memory: kernels.split_mma_shared_bytes counts it.
 constexpr uint32_t G = HQ / HKV;
 constexpr uint32_t HB = (G + 7) / 8;  // blocks of 8 heads: the values' MMA columns
@@ -51,18 +52,22 @@ const uint32_t kvh = (TG / SPLITS) % HKV;
 const uint32_t b = TG / (SPLITS * HKV);
 const uint32_t tid = SIMD_IN_TG * 32 + LANE;
 const uint32_t g = LANE / 4, c = LANE % 4;
-const uint32_t q0 = (b * HQ + kvh * G) * D;  // q of this kv head's first query head
-const float qk_scale = scale[0] * 1.44269504f;  // scores in base 2: one ex2 per exponential
+const DEVICE T* q_kv = q + b * q_strides[0] + kvh * G * q_strides[1];  // this kv head's first query head
+const float qk_scale = AS_FLOAT(uint32_t(SCALE_BITS)) * 1.44269504f;  // scores in base 2: one ex2 per exponential
 // Keys of this SIMD-group: its share of the split, whole tiles of 16.
 const uint32_t per_split = (N + SPLITS - 1) / SPLITS;
 const uint32_t per_warp = ((per_split + WARPS - 1) / WARPS + 15) / 16 * 16;
 const uint32_t split_end = (split + 1) * per_split < N ? (split + 1) * per_split : N;
 const uint32_t n0 = split * per_split + SIMD_IN_TG * per_warp;
 const uint32_t n1 = n0 + per_warp < split_end ? n0 + per_warp : split_end;
-const uint32_t row0 = (b * HKV + kvh) * N;  // cache row of key 0
 uint32_t* ring = reinterpret_cast<uint32_t*>(pool) + SIMD_IN_TG * STAGES * STAGE;
-const DEVICE uint32_t* scale_arrays[4] = {reinterpret_cast<const DEVICE uint32_t*>(k_s), reinterpret_cast<const DEVICE uint32_t*>(k_b),
-                                          reinterpret_cast<const DEVICE uint32_t*>(v_s), reinterpret_cast<const DEVICE uint32_t*>(v_b)};
+const DEVICE uint32_t* kw_rows = k_w + b * k_w_strides[0] + kvh * k_w_strides[1];  // key 0's rows
+const DEVICE uint32_t* vw_rows = v_w + b * v_w_strides[0] + kvh * v_w_strides[1];
+const DEVICE uint32_t* scale_rows[4] = {  // a key's NG scales (or biases) as NG / 2 words
+    reinterpret_cast<const DEVICE uint32_t*>(k_s + b * k_s_strides[0] + kvh * k_s_strides[1]),
+    reinterpret_cast<const DEVICE uint32_t*>(k_b + b * k_b_strides[0] + kvh * k_b_strides[1]),
+    reinterpret_cast<const DEVICE uint32_t*>(v_s + b * v_s_strides[0] + kvh * v_s_strides[1]),
+    reinterpret_cast<const DEVICE uint32_t*>(v_b + b * v_b_strides[0] + kvh * v_b_strides[1])};
 const uint32_t tiles = n0 < n1 ? (n1 - n0 + 15) / 16 : 0;
 const auto issue = [&](uint32_t t) {  // tile t of this SIMD-group into stage t % STAGES; keys past the share: its last
   if (t < tiles) {
@@ -71,14 +76,14 @@ const auto issue = [&](uint32_t t) {  // tile t of this SIMD-group into stage t 
     UNROLL for (uint32_t e0 = 0; e0 < 4 * ROW_WORDS; e0 += 32) {  // 16 rows of ROW_WORDS / 4 chunks of 16 bytes
       const uint32_t row = (e0 + LANE) / (ROW_WORDS / 4), col = (e0 + LANE) % (ROW_WORDS / 4) * 4;
       const uint32_t key = c0 + row < n1 ? c0 + row : n1 - 1;
-      flashmoe_copy_async16(stage + row * STRIDE + col, k_w + (row0 + key) * ROW_WORDS + col);
-      flashmoe_copy_async16(stage + (16 + row) * STRIDE + col, v_w + (row0 + key) * ROW_WORDS + col);
+      flashmoe_copy_async16(stage + row * STRIDE + col, kw_rows + key * ROW_WORDS + col);
+      flashmoe_copy_async16(stage + (16 + row) * STRIDE + col, vw_rows + key * ROW_WORDS + col);
     }
     UNROLL for (uint32_t e0 = 0; e0 < SCALE_WORDS; e0 += 32) {
       const uint32_t e = e0 + LANE, key = c0 + e / (NG / 2) < n1 ? c0 + e / (NG / 2) : n1 - 1;
       if (e < SCALE_WORDS) {
         UNROLL for (uint32_t a = 0; a < 4; ++a)
-          flashmoe_copy_async4(stage + 32 * STRIDE + a * SCALE_WORDS + e, scale_arrays[a] + (row0 + key) * (NG / 2) + e % (NG / 2));
+          flashmoe_copy_async4(stage + 32 * STRIDE + a * SCALE_WORDS + e, scale_rows[a] + key * (NG / 2) + e % (NG / 2));
       }
     }
   }
@@ -120,10 +125,11 @@ UNROLL for (uint32_t i = 0; i < Q_ENTRIES; ++i) {
   const uint32_t e = tid + i * 32 * WARPS, step = e / 32, lane = e % 32, j = step / 2;
   const uint32_t d = 8 * (j / KC * GW + lane % 4 * KC + j % KC) + 2 * (step % 2);
   UNROLL for (uint32_t r = 0; r < 4; ++r) {
-    const uint32_t head = lane / 4 + 8 * (r % 2), at = q0 + head * D + d + r / 2;
+    const uint32_t head = lane / 4 + 8 * (r % 2);
+    const DEVICE T* at = q_kv + head * q_strides[1] + (d + r / 2) * q_strides[3];
     const bool real = e < KSTEPS * 32 && head < G;
-    q_lo[i][r] = real ? uint32_t(BF16_BITS(q[at])) : 0u;
-    q_hi[i][r] = real ? uint32_t(BF16_BITS(q[at + 4])) : 0u;
+    q_lo[i][r] = real ? uint32_t(BF16_BITS(at[0])) : 0u;
+    q_hi[i][r] = real ? uint32_t(BF16_BITS(at[4 * q_strides[3]])) : 0u;
   }
 }
 UNROLL for (uint32_t i = 0; i < Q_ENTRIES; ++i) {

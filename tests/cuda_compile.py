@@ -32,6 +32,8 @@ def _kernel(launch: Launch, name: str) -> str:
         params.append(f"const {CUDA_TYPES[a.dtype]}* {n}")
         if f"{n}_shape" in body:
             params.append(f"const __grid_constant__ Shape {n}_shape")
+        if f"{n}_strides" in body:
+            params.append(f"const __grid_constant__ Strides {n}_strides")
     params += [f"{CUDA_TYPES[d]}* {n}" for n, (_, d) in launch.outputs.items()]
     constants = [f"using {n} = {CUDA_TYPES[v]};" if isinstance(v, mx.Dtype) else f"constexpr int {n} = {int(v)};"
                  for n, v in launch.constants.items()]
@@ -47,6 +49,7 @@ def compile_launches(launches: list[Launch]) -> dict[str, int]:
         "#include <cuda_bf16.h>",
         "#include <cuda_fp16.h>",
         "struct Shape { int32_t values[8]; __device__ int32_t operator[](int i) const { return values[i]; } };",
+        "struct Strides { int64_t values[8]; __device__ int64_t operator[](int i) const { return values[i]; } };",
         header,
         *(_kernel(launch, f"k{i}") for i, launch in enumerate(launches)),
     ])

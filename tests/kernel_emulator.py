@@ -31,17 +31,19 @@ def _constant(name: str, value) -> str:
     return f"constexpr int {name} = {int(value)};"
 
 
-def _shaped(launch: Launch) -> list[str]:
-    """Inputs whose shape the body reads as `<name>_shape` (MLX passes those to Metal and CUDA kernels too)."""
+def _described(launch: Launch, what: str) -> list[str]:
+    """Inputs whose shape or strides (`what`) the body reads as `<name>_<what>`, which MLX then passes to Metal
+    and CUDA kernels too. A body that reads strides gets its inputs as they are, views included."""
     body = body_source(launch.kernel)
-    return [n for n in launch.inputs if f"{n}_shape" in body]
+    return [n for n in launch.inputs if f"{n}_{what}" in body]
 
 
 def _source(launch: Launch) -> str:
     header, _ = prelude("cpu")
     params = [f"const {C_TYPES[a.dtype][0]}* {n}" for n, a in launch.inputs.items()]
     params += [f"{C_TYPES[d][0]}* {n}" for n, (_, d) in launch.outputs.items()]
-    params += [f"const int* {n}_shape" for n in _shaped(launch)]
+    params += [f"const int* {n}_shape" for n in _described(launch, "shape")]
+    params += [f"const int64_t* {n}_strides" for n in _described(launch, "strides")]
     args = [f"({p.rsplit(' ', 1)[0]})args[{i}]" for i, p in enumerate(params)]
     return "\n".join([
         header,
@@ -77,13 +79,16 @@ def _compile(source: str) -> ctypes.CDLL:
 
 def run_emulated(launch: Launch) -> list[mx.array]:
     """Execute `launch` on the CPU. Outputs start poisoned (NaN, or all ones for integers) so unwritten
-    elements show. bfloat16 travels as its 16 bits."""
+    elements show. bfloat16 travels as its 16 bits. Inputs whose strides the body reads go in place (numpy
+    views of MLX's memory, strides in elements); the others as row-contiguous copies, as MLX makes them."""
     lib = _compile(_source(launch))
-    inputs = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
-              for a in launch.inputs.values()]
+    strided = _described(launch, "strides")
+    inputs = {n: np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a) for n, a in launch.inputs.items()}
+    inputs = {n: a if n in strided else np.ascontiguousarray(a) for n, a in inputs.items()}
     outputs = [np.full(shape, POISON[dtype], C_TYPES[dtype][1]) for shape, dtype in launch.outputs.values()]
-    shapes = [np.array(launch.inputs[n].shape, np.int32) for n in _shaped(launch)]
-    arrays = inputs + outputs + shapes
+    shapes = [np.array(launch.inputs[n].shape, np.int32) for n in _described(launch, "shape")]
+    strides = [np.array(inputs[n].strides, np.int64) // inputs[n].itemsize for n in strided]
+    arrays = [*inputs.values(), *outputs, *shapes, *strides]
     pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
     return [mx.array(o).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(o)

@@ -142,6 +142,8 @@ def test_tensor_cores_only_where_the_runner_has_them(monkeypatch):
     """Metal (the plain emulation) and CUDA cards without bf16 mma.sync keep the scalar pass 1; float32
     activations and other bits do too."""
     assert not kernels.has_tensor_cores(run_emulated) and kernels.has_tensor_cores(run_emulated_cuda)
+    assert not kernels.has_tensor_cores(kernels.run_on_gpu)  # no GPU here
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
     for major, expected in ((7, False), (8, True), (9, True)):  # bf16 mma.sync needs sm_80
         kernels.cuda_capability.cache_clear()
         monkeypatch.setattr(mx, "device_info", lambda major=major: {"compute_capability_major": major})
@@ -222,27 +224,41 @@ checking_shared_memory_cuda.tensor_cores = True
 checking_shared_memory_cuda.ran = []
 
 
-@pytest.mark.parametrize("batch, q_heads, kv_heads, keys, dim, bits, group_size", [
-    (1, 4, 1, 40, 64, 4, 64),       # GQA 4:1; 40 keys: one chunk of 64, lanes' second keys partly masked
-    (2, 2, 2, 300, 128, 8, 32),     # GQA 1:1, batch 2; a SIMD-group's last chunk of 64 holds 44 keys
-    (1, 8, 2, 1100, 64, 4, 32),     # two splits, each ending in a partial chunk
-    (1, 2, 1, 7, 256, 8, 64),       # fewer keys than lanes, head dim 256
-    (1, 16, 2, 600, 128, 4, 64),    # GQA 8:1 at dim 128: the 32/4-head benchmark's split layout
-    (1, 10, 2, 530, 64, 8, 32),     # GQA 5:1: heads padded to 8
-    (1, 4, 2, 70, 256, 4, 128),     # a lane's value dims fill one word
-    (1, 2, 2, 2200, 64, 8, 32),     # GQA 1:1, four splits
-    (1, 16, 1, 4500, 128, 8, 64),   # one key per lane (16 heads x dim 128), 16 splits: two combine SIMD-groups
-    (1, 32, 2, 2100, 256, 4, 64),   # the 32/2-head, dim-256 benchmark's split layout, 16 splits
+def cache_view(values: mx.array, keys: int, group_size: int, bits: int) -> tuple:
+    """values [B, HKV, capacity, D] quantized, then its first `keys` keys: views of a longer buffer, as mlx-lm's
+    quantized caches hand them to attention (row-contiguous only where capacity == keys, or B = HKV = 1)."""
+    return tuple(a[..., :keys, :] for a in mx.quantize(values, group_size, bits))
+
+
+def query(rng, batch: int, heads: int, dim: int, dtype=mx.float32) -> mx.array:
+    """q [B, HQ, 1, D], transposed from [B, 1, HQ, D] as mlx-lm's attention makes it, and a view with gaps between
+    its heads (every other head of a wider array), so the bodies must read it through its strides too."""
+    wide = mx.array(rng.standard_normal((batch, 1, 2 * heads, dim)).astype(np.float32)).astype(dtype)
+    return wide[:, :, ::2].swapaxes(1, 2)
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, keys, spare, dim, bits, group_size", [
+    (1, 4, 1, 40, 216, 64, 4, 64),     # GQA 4:1; 40 keys: one chunk of 64, lanes' second keys partly masked
+    (2, 2, 2, 300, 212, 128, 8, 32),   # GQA 1:1, batch 2; a SIMD-group's last chunk of 64 holds 44 keys
+    (1, 8, 2, 1100, 0, 64, 4, 32),     # two splits, each ending in a partial chunk
+    (1, 2, 1, 7, 0, 256, 8, 64),       # fewer keys than lanes, head dim 256
+    (1, 16, 2, 600, 168, 128, 4, 64),  # GQA 8:1 at dim 128: the 32/4-head benchmark's split layout
+    (1, 10, 2, 530, 0, 64, 8, 32),     # GQA 5:1: heads padded to 8
+    (1, 4, 2, 70, 186, 256, 4, 128),   # a lane's value dims fill one word
+    (1, 2, 2, 2200, 104, 64, 8, 32),   # GQA 1:1, four splits
+    (1, 16, 1, 4500, 0, 128, 8, 64),   # one key per lane (16 heads x dim 128), 16 splits: two combine SIMD-groups
+    (1, 32, 2, 2100, 204, 256, 4, 64),  # the 32/2-head, dim-256 benchmark's split layout, 16 splits
 ])
-def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads, keys, dim, bits, group_size):
+def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads, keys, spare, dim, bits, group_size):
+    """Over views of a cache with `spare` keys of capacity past `keys` (mlx-lm's grow by 256), or whole arrays."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
 
     rng = np.random.default_rng(keys)
-    q = mx.array(rng.standard_normal((batch, q_heads, 1, dim)).astype(np.float32))
-    k = mx.quantize(mx.array(rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32)), group_size, bits)
-    v = mx.quantize(mx.array(rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32)), group_size, bits)
+    q = query(rng, batch, q_heads, dim)
+    k, v = (cache_view(mx.array(rng.standard_normal((batch, kv_heads, keys + spare, dim)).astype(np.float32)),
+                       keys, group_size, bits) for _ in range(2))
     scale = dim ** -0.5
     got = attention_decode(q, k, v, scale, group_size, bits, runner=checking_shared_memory)
     want = attention_decode_reference(q, k, v, scale, group_size, bits)
@@ -253,17 +269,17 @@ def test_attention_decode_metal_body_matches_reference(batch, q_heads, kv_heads,
     assert mx.abs(mlx_lm_out - want).max().item() <= 1e-4
 
 
-def check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed):
+def check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed, spare=0):
     """attention_decode with the tensor-core split pass (emulated) against the float32 reference over the same
-    bfloat16 inputs. Tolerance: the output's bfloat16 rounding (2^-9 relative) plus P rounded to bfloat16 before
-    it weights V (2^-9 of each weight: at most 2^-9 max|V|), each doubled."""
+    bfloat16 inputs, the cache a view with `spare` keys of capacity. Tolerance: the output's bfloat16 rounding
+    (2^-9 relative) plus P rounded to bfloat16 before it weights V (2^-9 of each weight: at most 2^-9 max|V|),
+    each doubled."""
     from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
 
     rng = np.random.default_rng(seed)
-    bf16 = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(mx.bfloat16)  # noqa: E731
-    q = bf16(batch, q_heads, 1, dim)
-    k = mx.quantize(bf16(batch, kv_heads, keys, dim), group_size, 4)
-    v = mx.quantize(bf16(batch, kv_heads, keys, dim), group_size, 4)
+    q = query(rng, batch, q_heads, dim, mx.bfloat16)
+    k, v = (cache_view(mx.array(rng.standard_normal((batch, kv_heads, keys + spare, dim)).astype(np.float32))
+                       .astype(mx.bfloat16), keys, group_size, 4) for _ in range(2))
     checking_shared_memory_cuda.ran.clear()
     got = attention_decode(q, k, v, dim ** -0.5, group_size, 4, runner=checking_shared_memory_cuda)
     assert checking_shared_memory_cuda.ran == ["attention_decode_split_mma", "attention_decode_combine"]
@@ -275,16 +291,16 @@ def check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size,
     assert error <= 2 * (2 ** -9 * mx.abs(want).max().item() + 2 ** -9 * v_max), error
 
 
-@pytest.mark.parametrize("batch, q_heads, kv_heads, keys, dim, group_size", [
-    (1, 8, 1, 40, 128, 64),      # GQA 8:1 (the 32/4-head benchmark's), a partial second tile
-    (1, 16, 1, 300, 128, 64),    # 16 heads: two head blocks of the values' MMA
-    (2, 4, 2, 100, 128, 64),     # batch 2, heads padded to 16 rows (4 real)
-    (1, 12, 1, 700, 256, 64),    # dim 256, 12 heads: the second head block padded; two splits
-    (1, 8, 2, 9, 256, 128),      # fewer keys than a tile; groups of 128 (a lane's four words)
-    (1, 16, 2, 1100, 128, 64),   # several splits, each ending in a partial tile
+@pytest.mark.parametrize("batch, q_heads, kv_heads, keys, spare, dim, group_size", [
+    (1, 8, 1, 40, 0, 128, 64),      # GQA 8:1 (the 32/4-head benchmark's), a partial second tile
+    (1, 16, 1, 300, 212, 128, 64),  # 16 heads: two head blocks of the values' MMA
+    (2, 4, 2, 100, 156, 128, 64),   # batch 2, heads padded to 16 rows (4 real)
+    (1, 12, 1, 700, 0, 256, 64),    # dim 256, 12 heads: the second head block padded; two splits
+    (1, 8, 2, 9, 247, 256, 128),    # fewer keys than a tile; groups of 128 (a lane's four words)
+    (1, 16, 2, 1100, 180, 128, 64),  # several splits, each ending in a partial tile
 ])
-def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_heads, keys, dim, group_size):
-    check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys)
+def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_heads, keys, spare, dim, group_size):
+    check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys, spare=spare)
 
 
 @pytest.mark.parametrize("warps, stages, keys_per_simd_group", [(1, 2, 64), (2, 4, 32), (4, 3, 16)])
