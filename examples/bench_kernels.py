@@ -160,8 +160,8 @@ def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
     for keys in choices:
         for keys_per_lane in (1, 2):
             with tuned(KEYS_PER_SIMD_GROUP=keys, TWO_KEYS_PER_LANE_MAX=0 if keys_per_lane == 1 else 1 << 30):
-                ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
-                      attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
+                ms = [attention(iters=10, check=False)["ms"]["attention_decode"],
+                      attention(kv_heads=2, dim=256, iters=10, check=False)["ms"]["attention_decode"]]
             out.append({"keys_per_simd_group": keys, "keys_per_lane": keys_per_lane, "ms": ms})
     return out
 
@@ -172,8 +172,8 @@ def mma_attention_sweep(choices=((4, 3, 64), (4, 2, 64), (2, 3, 64), (8, 2, 64),
     out = []
     for warps, stages, keys in choices:
         with tuned(MMA_ATTENTION_WARPS=warps, MMA_ATTENTION_STAGES=stages, MMA_KEYS_PER_SIMD_GROUP=keys):
-            ms = [attention(iters=30, check=False)["ms"]["attention_decode"],
-                  attention(kv_heads=2, dim=256, iters=30, check=False)["ms"]["attention_decode"]]
+            ms = [attention(iters=10, check=False)["ms"]["attention_decode"],
+                  attention(kv_heads=2, dim=256, iters=10, check=False)["ms"]["attention_decode"]]
         out.append({"warps": warps, "stages": stages, "keys_per_simd_group": keys, "ms": ms})
     return out
 
@@ -183,8 +183,8 @@ def profile_once():
     run for a kernel profiler (ncu) to time the kernels alone."""
     for mma in (False, True):
         with tuned(MMA_ATTENTION=mma):
-            attention(iters=2, check=False)
-            attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False)
+            attention(iters=2, check=False, layers=1)
+            attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False, layers=1)
     for bits in ((4, 4), (3, 4)):
         pool = quantized_pool(4096, 1024, 64, *bits, 64, mx.bfloat16)
         ids = mx.array(np.arange(0, 60, 6)[None].astype(np.uint32))
@@ -198,58 +198,86 @@ def profile_once():
                     mx.eval(expert_swiglu(x, pool, ids, w))
 
 
-def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=50, check=True) -> dict:
-    """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16. FMAs:
-    the multiply-adds the step needs (scores and values: 2 * heads * keys * dim), for the compute bound."""
+def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=20, check=True,
+              spare=256, layers=15) -> dict:
+    """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16, each over the
+    caches as decoding hands them over: views of the first `keys` keys of buffers with `spare` more (mlx-lm's
+    quantized caches grow by 256 keys and return a view between growths). attention_decode also runs over
+    whole arrays, for what the views cost it; mlx-lm's path only does (on CUDA its quantized_matmul refuses the
+    views). Two timings per path: one call evaluated alone (host work and the wait for the GPU in series), and
+    per layer of a decode step: `layers` layers, each over its own cache (together more than the L2 holds), the
+    next layer's query made from this one's output, one eval per step, so host work overlaps the GPU's as it
+    does in a model. FMAs: the multiply-adds the step needs (2 * heads * keys * dim), for the compute bound."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
+
+    def cache(n, hkv, d, gs, b, extra):  # a view of n keys of a buffer of n + extra, and the same as whole arrays
+        view = tuple(a[..., :n, :] for a in mx.quantize(mx.random.normal((1, hkv, n + extra, d)).astype(mx.bfloat16),
+                                                         gs, b))
+        return view, tuple(mx.contiguous(a) for a in view)
 
     errors = []
     rng = np.random.default_rng(2)
     cases = [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64), (9000, 32, 4, 128, 4, 64)]
     for n, hq, hkv, d, b, gs in cases if check else []:
         q = mx.array(rng.standard_normal((1, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
-        k = mx.quantize(mx.random.normal((1, hkv, n, d)).astype(mx.bfloat16), gs, b)
-        v = mx.quantize(mx.random.normal((1, hkv, n, d)).astype(mx.bfloat16), gs, b)
+        (k, _), (v, _) = cache(n, hkv, d, gs, b, spare), cache(n, hkv, d, gs, b, spare)
         got = attention_decode(q, k, v, d ** -0.5, gs, b).astype(mx.float32)
-        want = attention_decode_reference(q.astype(mx.float32), tuple(a.astype(mx.float32) if a.dtype != mx.uint32
-                                          else a for a in k), tuple(a.astype(mx.float32) if a.dtype != mx.uint32
-                                          else a for a in v), d ** -0.5, gs, b).astype(mx.float32)
+        f32 = lambda c: tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in c)  # noqa: E731
+        want = attention_decode_reference(q.astype(mx.float32), f32(k), f32(v), d ** -0.5, gs, b)
         errors.append(mx.abs(got - want).max().item())
-    q = mx.random.normal((1, q_heads, 1, dim)).astype(mx.bfloat16)
-    k = mx.quantize(mx.random.normal((1, kv_heads, keys, dim)).astype(mx.bfloat16), group_size, bits)
-    v = mx.quantize(mx.random.normal((1, kv_heads, keys, dim)).astype(mx.bfloat16), group_size, bits)
-    mx.eval(q, k, v)
+    q0 = mx.random.normal((1, q_heads, 1, dim)).astype(mx.bfloat16)
+    caches = [(cache(keys, kv_heads, dim, group_size, bits, spare), cache(keys, kv_heads, dim, group_size, bits, spare))
+              for _ in range(layers)]
+    mx.eval(q0, caches)
     scale = dim ** -0.5
 
-    def dequant_sdpa():
+    def dequant_sdpa(q, k, v):
         kd = mx.dequantize(*k, group_size=group_size, bits=bits)
         vd = mx.dequantize(*v, group_size=group_size, bits=bits)
         return mx.fast.scaled_dot_product_attention(q, kd, vd, scale=scale)
 
-    paths = {"dequantize+sdpa": dequant_sdpa,
-             "mlx_lm quantized": lambda: quantized_scaled_dot_product_attention(q, k, v, scale=scale, mask=None,
-                                                                                group_size=group_size, bits=bits),
-             "attention_decode": lambda: attention_decode(q, k, v, scale, group_size, bits)}
+    def scalar_body(q, k, v):
+        with tuned(MMA_ATTENTION=False):
+            return attention_decode(q, k, v, scale, group_size, bits)
+
+    views, whole = (lambda c: (c[0][0], c[1][0])), (lambda c: (c[0][1], c[1][1]))  # noqa: E731
+    paths = {"dequantize+sdpa": (dequant_sdpa, views),
+             "mlx_lm quantized, whole arrays": (lambda q, k, v: quantized_scaled_dot_product_attention(
+                 q, k, v, scale=scale, mask=None, group_size=group_size, bits=bits), whole),
+             "attention_decode": (lambda q, k, v: attention_decode(q, k, v, scale, group_size, bits), views),
+             "attention_decode, whole arrays": (lambda q, k, v: attention_decode(q, k, v, scale, group_size, bits),
+                                                whole)}
     if kernels.has_tensor_cores(active_runner()):
-        def scalar_body():
-            with tuned(MMA_ATTENTION=False):
-                return attention_decode(q, k, v, scale, group_size, bits)
-        paths["attention_decode, scalar split body"] = scalar_body
-    times = {}
-    for name, fn in paths.items():
-        for _ in range(3):
+        paths["attention_decode, scalar split body"] = (scalar_body, views)
+
+    def timed(fn, repeats) -> float:
+        for _ in range(2):
             mx.eval(fn())
         t0 = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(repeats):
             mx.eval(fn())
-        times[name] = (time.perf_counter() - t0) / iters
-    kv_bytes = sum(a.nbytes for a in (*k, *v))
+        return (time.perf_counter() - t0) / repeats
+
+    def step(fn, pick):  # the layers in a chain: each query is the previous layer's output
+        q = q0
+        for c in caches:
+            q = fn(q, *pick(c))
+        return q
+
+    per_call, per_layer = {}, {}
+    for name, (fn, pick) in paths.items():
+        per_call[name] = timed(lambda: fn(q0, *pick(caches[0])), iters * layers)
+        per_layer[name] = timed(lambda: step(fn, pick), iters) / layers
+    kv_bytes = sum(a.nbytes for a in (*whole(caches[0])[0], *whole(caches[0])[1]))
+    ms = lambda times: {n: t * 1e3 for n, t in times.items()}  # noqa: E731
     return {"max_abs_err": errors, "keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
-            "kv_bytes": kv_bytes, "fmas": 2 * q_heads * keys * dim, "ms": {n: t * 1e3 for n, t in times.items()},
-            "gbps": {n: kv_bytes / t / 1e9 for n, t in times.items()},
-            "speedup_vs_dequant_sdpa": times["dequantize+sdpa"] / times["attention_decode"]}
+            "layers": layers, "kv_bytes": kv_bytes, "fmas": 2 * q_heads * keys * dim,
+            "ms": ms(per_layer), "ms_per_call": ms(per_call),
+            "gbps": {n: kv_bytes / t / 1e9 for n, t in per_layer.items()},
+            "speedup_vs_dequant_sdpa": per_layer["dequantize+sdpa"] / per_layer["attention_decode"],
+            "speedup_vs_dequant_sdpa_per_call": per_call["dequantize+sdpa"] / per_call["attention_decode"]}
 
 
 def main():
@@ -271,11 +299,12 @@ def main():
             if attn["max_abs_err"]:
                 print(f"attention_decode max abs err vs reference {[f'{e:.1e}' for e in attn['max_abs_err']]}")
             print(f"\n| {attn['keys']} keys, heads {attn['heads'][0]}/{attn['heads'][1]}, dim {attn['dim']}, "
-                  f"4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB, {attn['fmas'] / 1e6:.0f}M FMA) | ms | GB/s "
-                  f"| of copy bound | TFMA/s |\n|---|---|---|---|---|")
+                  f"4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB, {attn['fmas'] / 1e6:.0f}M FMA) | ms per layer of a "
+                  f"{attn['layers']}-layer step | GB/s | of copy bound | TFMA/s | ms per call alone |"
+                  f"\n|---|---|---|---|---|---|")
             for name, ms in attn["ms"].items():
                 print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
-                      f"| {attn['fmas'] / ms / 1e9:.1f} |")
+                      f"| {attn['fmas'] / ms / 1e9:.1f} | {attn['ms_per_call'][name]:.3f} |")
         if kernels.has_tensor_cores(active_runner()):
             result["mma_attention_sweep"] = mma_attention_sweep()
             print("\n| SIMD-groups | stages | min keys per SIMD-group | ms (32/4 heads, dim 128) "
