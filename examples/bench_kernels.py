@@ -103,15 +103,17 @@ def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50) -> dict:
                          "speedup": ac / bc}}
 
 
-def op_overhead(ops=60, iters=50) -> float:
-    """Seconds per trivially small op in an evaluated chain: the framework's floor per kernel launch."""
+def op_overhead(op=None, ops=60, iters=50) -> float:
+    """Seconds per trivially small op (default: an add) in an evaluated chain: the framework's floor per
+    kernel launch, host work included."""
+    op = op or (lambda y: y + 1)
     x = mx.zeros((1, 16))
     mx.eval(x)
 
     def chain():
         y = x
         for _ in range(ops):
-            y = y + 1
+            y = op(y)
         return y
 
     mx.eval(chain())
@@ -119,6 +121,17 @@ def op_overhead(ops=60, iters=50) -> float:
     for _ in range(iters):
         mx.eval(chain())
     return (time.perf_counter() - t0) / iters / ops
+
+
+def tiny_custom_kernel():
+    """y = x + 1 as a custom kernel of this backend ([1, 16] floats): what any custom kernel costs per launch."""
+    backend = kernels.gpu_backend()
+    index = "thread_position_in_grid.x" if backend == "metal" else "blockIdx.x * blockDim.x + threadIdx.x"
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    kernel = make(name="bench_tiny", input_names=["x"], output_names=["y"],
+                  source=f"uint32_t i = {index}; y[i] = x[i] + 1.0f;")
+    return lambda x: kernel(inputs=[x], grid=(16, 1, 1), threadgroup=(16, 1, 1), output_shapes=[x.shape],
+                            output_dtypes=[x.dtype])[0]
 
 
 @contextlib.contextmanager
@@ -266,15 +279,20 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
             q = fn(q, *pick(c))
         return q
 
-    per_call, per_layer = {}, {}
+    per_call, per_layer, build = {}, {}, {}
     for name, (fn, pick) in paths.items():
         per_call[name] = timed(lambda: fn(q0, *pick(caches[0])), iters * layers)
         per_layer[name] = timed(lambda: step(fn, pick), iters) / layers
+        t0 = time.perf_counter()
+        graph = step(fn, pick)  # built, not yet run: the host's share before any kernel starts
+        build[name] = (time.perf_counter() - t0) / layers
+        mx.eval(graph)
     kv_bytes = sum(a.nbytes for a in (*whole(caches[0])[0], *whole(caches[0])[1]))
     ms = lambda times: {n: t * 1e3 for n, t in times.items()}  # noqa: E731
     return {"max_abs_err": errors, "keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
             "layers": layers, "kv_bytes": kv_bytes, "fmas": 2 * q_heads * keys * dim,
             "ms": ms(per_layer), "ms_per_call": ms(per_call),
+            "build_us_per_layer": {n: t * 1e6 for n, t in build.items()},
             "gbps": {n: kv_bytes / t / 1e9 for n, t in per_layer.items()},
             "speedup_vs_dequant_sdpa": per_layer["dequantize+sdpa"] / per_layer["attention_decode"],
             "speedup_vs_dequant_sdpa_per_call": per_call["dequantize+sdpa"] / per_call["attention_decode"]}
@@ -292,7 +310,10 @@ def main():
         return profile_once()
     bound = device_copy_gbps(nbytes=4 << 30, repeats=5)
     result = {"device": mx.device_info().get("device_name", "?"), "copy_bandwidth_gbps": bound,
-              "op_overhead_us": op_overhead() * 1e6}
+              "op_overhead_us": op_overhead() * 1e6,
+              "custom_kernel_overhead_us": op_overhead(tiny_custom_kernel()) * 1e6}
+    print(f"per launch in a chain of 60, host work included: built-in add {result['op_overhead_us']:.1f} us, "
+          f"custom kernel {result['custom_kernel_overhead_us']:.1f} us")
     if args.only != "experts":
         result["attention"] = [attention(), attention(kv_heads=2, dim=256, check=False)]
         for attn in result["attention"]:
@@ -300,11 +321,12 @@ def main():
                 print(f"attention_decode max abs err vs reference {[f'{e:.1e}' for e in attn['max_abs_err']]}")
             print(f"\n| {attn['keys']} keys, heads {attn['heads'][0]}/{attn['heads'][1]}, dim {attn['dim']}, "
                   f"4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB, {attn['fmas'] / 1e6:.0f}M FMA) | ms per layer of a "
-                  f"{attn['layers']}-layer step | GB/s | of copy bound | TFMA/s | ms per call alone |"
-                  f"\n|---|---|---|---|---|---|")
+                  f"{attn['layers']}-layer step | GB/s | of copy bound | TFMA/s | ms per call alone "
+                  f"| graph build us per layer |\n|---|---|---|---|---|---|---|")
             for name, ms in attn["ms"].items():
                 print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
-                      f"| {attn['fmas'] / ms / 1e9:.1f} | {attn['ms_per_call'][name]:.3f} |")
+                      f"| {attn['fmas'] / ms / 1e9:.1f} | {attn['ms_per_call'][name]:.3f} "
+                      f"| {attn['build_us_per_layer'][name]:.1f} |")
         if kernels.has_tensor_cores(active_runner()):
             result["mma_attention_sweep"] = mma_attention_sweep()
             print("\n| SIMD-groups | stages | min keys per SIMD-group | ms (32/4 heads, dim 128) "
