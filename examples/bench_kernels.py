@@ -192,10 +192,12 @@ def mma_attention_sweep(choices=((4, 3, 64), (4, 2, 64), (2, 3, 64), (8, 2, 64),
 
 
 def profile_once():
-    """One layer and one attention step, each path twice (the fused path with each choice of bodies): a short
-    run for a kernel profiler (ncu) to time the kernels alone."""
-    for mma in (False, True):
-        with tuned(MMA_ATTENTION=mma):
+    """One layer and one attention step, each path twice (the fused path with each choice of bodies, attention with
+    the scalar split pass and then, on CUDA, the tensor-core one at MMA_KEYS_PER_SIMD_GROUP = 32, 64 and 128): a
+    short run for a kernel profiler (ncu) to time the kernels alone."""
+    tensor_cores = kernels.has_tensor_cores(active_runner())
+    for tuning in ({"MMA_ATTENTION": False}, *({"MMA_KEYS_PER_SIMD_GROUP": k} for k in (32, 64, 128) if tensor_cores)):
+        with tuned(**tuning):
             attention(iters=2, check=False, layers=1)
             attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False, layers=1)
     for bits in ((4, 4), (3, 4)):

@@ -27,7 +27,7 @@ THREADGROUP = 128  # 4 SIMD-groups
 UP_ROWS, DOWN_ROWS = 2, 8
 UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
 # Pass 1 on tensor cores (CUDA only: expert_swiglu_gate_up_mma.cu; bfloat16 MMA, float32 accumulation) where the
-# runner has them and the shape fits. H200, Qwen3.5's shape: 22.6 us against the scalar body's 28.6
+# runner has them and the shape fits. H200, Qwen3.5's shape: 19.5-20.2 us against the scalar body's 28.8-29.1
 # (docs/BENCHMARKS.md). Its launch: SIMD-groups sharing a 16-row tile's packs, tiles per threadgroup (which stages
 # the activations once for all of them), blocks of 8 packs whose loads are in flight together.
 MMA_GATE_UP = True
@@ -240,9 +240,12 @@ TWO_KEYS_PER_LANE_MAX = 1024  # (padded heads per kv head) x (head dim) up to wh
 # 128: 128 registers per thread on sm_90 either way at 4 bits); 32 / 2 heads of dim 256 spill even at one key.
 COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum this many splits (16 SIMD-groups at most)
 # The split pass on tensor cores (CUDA only: attention_decode_split_mma.cu) where the runner has them and the cache
-# fits. H200, 32k keys, 32/4 heads of dim 128: 27.4-28.3 us against the scalar body's 48-52 (docs/BENCHMARKS.md).
+# fits. H200, 32k keys, 32/4 heads of dim 128: 18.5-19.5 us against the scalar body's 37.8-38.5 (docs/BENCHMARKS.md).
 # Its launch: SIMD-groups per threadgroup, tiles in flight per SIMD-group (cp.async stages), keys per SIMD-group at
-# least (tiles of 16); the first two shrink where its threadgroup memory would not fit CUDA_SHARED_BYTES.
+# least (tiles of 16); the first two shrink where its threadgroup memory would not fit CUDA_SHARED_BYTES. Split and
+# combine passes at 32 / 64 / 128 keys per SIMD-group (ncu, one run): 24.2 / 20.6 / 19.7 us at 32/4 heads of dim
+# 128; 27.2 / 27.2 / 27.8 at 32/2 of dim 256 (docs/BENCHMARKS.md). 32 stays until the GPU has checked results at
+# 128, where each SIMD-group's ring of stages wraps (so far only emulated).
 MMA_ATTENTION = True
 MMA_ATTENTION_WARPS = 4
 MMA_ATTENTION_STAGES = 3

@@ -4,8 +4,8 @@
 // at full HBM rate (2 weights per byte), so that body is bound by issue and latency together. Here an MMA
 // (m16n8k16, bfloat16 in, float32 accumulation) does the multiply-adds and unpacking is 11 instructions per 8
 // weights. Apple GPUs have ~2.5x the arithmetic per byte, so Metal keeps the scalar body. Measured on an H200 at
-// Qwen3.5's shape: 22.6 us against the scalar body's 28.6 (docs/BENCHMARKS.md; before the one-LOP3 unpacking,
-// which is verified there but not yet timed); both still bound by latency.
+// Qwen3.5's shape: 19.5-20.2 us against the scalar body's 28.8-29.1 (docs/BENCHMARKS.md); both still bound by
+// latency.
 //
 // An MMA's 16 k-slots may hold any 16 of a row's values as long as W and x agree. Lane (g, c) = (LANE / 4,
 // LANE % 4) loads rows g and g + 8 of its 16-row tile, pack 8 b + 4 s + c (16 bytes each), and in MMA (s, i)
