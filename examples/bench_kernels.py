@@ -12,9 +12,11 @@ counts the active expert bytes (weights, scales, biases of the k experts); the b
 bandwidth measured here.
 
 attention_decode: one token over 32k keys of a 4-bit KV cache at two GQA shapes, against dequantize + SDPA and
-mlx-lm's quantized attention (on CUDA also with the scalar split body in place of the tensor-core one), plus a
-sweep of the split pass's launch: on CUDA the tensor-core body's SIMD-groups, stages and keys per SIMD-group;
-elsewhere the scalar body's keys per SIMD-group (the split count) and keys per lane.
+mlx-lm's quantized attention (on CUDA also with the scalar split body in place of the tensor-core one), over
+views of caches with spare capacity as decoding hands them over, per call and per layer of a 15-layer step;
+plus a sweep of the split pass's launch: on CUDA the tensor-core body's SIMD-groups, stages and keys per
+SIMD-group; elsewhere the scalar body's keys per SIMD-group (the split count) and keys per lane. Also the host's
+cost per launch: a tiny custom kernel against an add.
 """
 
 from __future__ import annotations
@@ -232,12 +234,24 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
                                                          gs, b))
         return view, tuple(mx.contiguous(a) for a in view)
 
+    def mlx_lm_cache(n, hkv, d, gs, b):  # views from mlx-lm's own cache: a prompt of n - 1 keys, then one step
+        from mlx_lm.models.cache import QuantizedKVCache
+
+        cache = QuantizedKVCache(group_size=gs, bits=b)
+        kv = lambda m: mx.random.normal((1, hkv, m, d)).astype(mx.bfloat16)  # noqa: E731
+        cache.update_and_fetch(kv(n - 1), kv(n - 1))
+        return cache.update_and_fetch(kv(1), kv(1))
+
     errors = []
     rng = np.random.default_rng(2)
-    cases = [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64), (9000, 32, 4, 128, 4, 64)]
-    for n, hq, hkv, d, b, gs in cases if check else []:
+    cases = [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64), (9000, 32, 4, 128, 4, 64),
+             (1000, 32, 4, 128, 4, 64, "mlx-lm"), (33000, 32, 2, 256, 4, 64, "mlx-lm")]
+    for n, hq, hkv, d, b, gs, *made_by in cases if check else []:
         q = mx.array(rng.standard_normal((1, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
-        (k, _), (v, _) = cache(n, hkv, d, gs, b, spare), cache(n, hkv, d, gs, b, spare)
+        if made_by:
+            k, v = mlx_lm_cache(n, hkv, d, gs, b)
+        else:
+            (k, _), (v, _) = cache(n, hkv, d, gs, b, spare), cache(n, hkv, d, gs, b, spare)
         got = attention_decode(q, k, v, d ** -0.5, gs, b).astype(mx.float32)
         f32 = lambda c: tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in c)  # noqa: E731
         want = attention_decode_reference(q.astype(mx.float32), f32(k), f32(v), d ** -0.5, gs, b)
