@@ -2,6 +2,7 @@
 
     python examples/bench_kernels.py [--only experts|attention] [--json out.json]   # needs MLX with Metal or CUDA
     python examples/bench_kernels.py --profile      # each path briefly, under a profiler (ncu) for kernel times
+    python examples/bench_kernels.py --check        # the correctness checks alone
 
 expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
 token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
@@ -175,8 +176,8 @@ def keys_sweep(choices=(32, 64, 128, 256)) -> list[dict]:
     for keys in choices:
         for keys_per_lane in (1, 2):
             with tuned(KEYS_PER_SIMD_GROUP=keys, TWO_KEYS_PER_LANE_MAX=0 if keys_per_lane == 1 else 1 << 30):
-                ms = [attention(iters=10, check=False)["ms"]["attention_decode"],
-                      attention(kv_heads=2, dim=256, iters=10, check=False)["ms"]["attention_decode"]]
+                ms = [attention(iters=10)["ms"]["attention_decode"],
+                      attention(kv_heads=2, dim=256, iters=10)["ms"]["attention_decode"]]
             out.append({"keys_per_simd_group": keys, "keys_per_lane": keys_per_lane, "ms": ms})
     return out
 
@@ -187,8 +188,8 @@ def mma_attention_sweep(choices=((4, 3, 64), (4, 2, 64), (2, 3, 64), (8, 2, 64),
     out = []
     for warps, stages, keys in choices:
         with tuned(MMA_ATTENTION_WARPS=warps, MMA_ATTENTION_STAGES=stages, MMA_KEYS_PER_SIMD_GROUP=keys):
-            ms = [attention(iters=10, check=False)["ms"]["attention_decode"],
-                  attention(kv_heads=2, dim=256, iters=10, check=False)["ms"]["attention_decode"]]
+            ms = [attention(iters=10)["ms"]["attention_decode"],
+                  attention(kv_heads=2, dim=256, iters=10)["ms"]["attention_decode"]]
         out.append({"warps": warps, "stages": stages, "keys_per_simd_group": keys, "ms": ms})
     return out
 
@@ -200,8 +201,8 @@ def profile_once():
     tensor_cores = kernels.has_tensor_cores(active_runner())
     for tuning in ({"MMA_ATTENTION": False}, *({"MMA_KEYS_PER_SIMD_GROUP": k} for k in (32, 64, 128) if tensor_cores)):
         with tuned(**tuning):
-            attention(iters=2, check=False, layers=1)
-            attention(q_heads=32, kv_heads=2, dim=256, iters=2, check=False, layers=1)
+            attention(iters=2, layers=1)
+            attention(q_heads=32, kv_heads=2, dim=256, iters=2, layers=1)
     for bits in ((4, 4), (3, 4)):
         pool = quantized_pool(4096, 1024, 64, *bits, 64, mx.bfloat16)
         ids = mx.array(np.arange(0, 60, 6)[None].astype(np.uint32))
@@ -215,8 +216,63 @@ def profile_once():
                     mx.eval(expert_swiglu(x, pool, ids, w))
 
 
-def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=20, check=True,
-              spare=256, layers=15) -> dict:
+def cache_view(n, hkv, d, gs, bits, spare):
+    """A quantized cache as decoding hands it over, a view of n keys of a buffer of n + spare; and the same as
+    whole arrays."""
+    view = tuple(a[..., :n, :] for a in mx.quantize(mx.random.normal((1, hkv, n + spare, d)).astype(mx.bfloat16),
+                                                     gs, bits))
+    return view, tuple(mx.contiguous(a) for a in view)
+
+
+def mlx_lm_cache(n, hkv, d, gs, bits):
+    """Views from mlx-lm's own QuantizedKVCache: a prompt of n - 1 keys, then one decode step."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    cache = QuantizedKVCache(group_size=gs, bits=bits)
+    kv = lambda m: mx.random.normal((1, hkv, m, d)).astype(mx.bfloat16)  # noqa: E731
+    cache.update_and_fetch(kv(n - 1), kv(n - 1))
+    return cache.update_and_fetch(kv(1), kv(1))
+
+
+ATTENTION_TUNINGS = {"shipped": {}, "tensor cores, 128 keys per SIMD-group": {"MMA_KEYS_PER_SIMD_GROUP": 128},
+                     "scalar split body": {"MMA_ATTENTION": False}}
+
+
+def attention_correctness() -> list[dict]:
+    """attention_decode against the float32 reference on the CPU, bfloat16 in, over views of caches with spare
+    capacity and over caches made by mlx-lm's QuantizedKVCache, with each of ATTENTION_TUNINGS (on CUDA: the
+    shipped launch, one whose SIMD-groups each walk a ring of stages more than once, and the scalar body).
+    Tolerance as the tests': 2^-8 of the largest output plus 2^-9 of the largest V."""
+    from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
+
+    f32 = lambda c: tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in c)  # noqa: E731
+    rng = np.random.default_rng(2)
+    rows = []
+    for n, hq, hkv, d, bits, gs, made_by in [
+        (40, 4, 1, 64, 4, 64, "view"), (1100, 8, 2, 128, 8, 32, "view"), (5000, 16, 2, 256, 4, 64, "view"),
+        (9000, 32, 4, 128, 4, 64, "view"), (4999, 24, 2, 128, 4, 64, "view"), (17, 8, 8, 128, 4, 64, "view"),
+        (1000, 32, 4, 128, 4, 64, "mlx-lm"), (33000, 32, 2, 256, 4, 64, "mlx-lm"),
+    ]:
+        q = mx.array(rng.standard_normal((1, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
+        if made_by == "mlx-lm":
+            k, v = mlx_lm_cache(n, hkv, d, gs, bits)
+        else:
+            (k, _), (v, _) = (cache_view(n, hkv, d, gs, bits, 256 - n % 256 + 7) for _ in range(2))
+        with mx.stream(mx.cpu):
+            want = attention_decode_reference(q.astype(mx.float32), f32(k), f32(v), d ** -0.5, gs, bits)
+            v_max = mx.abs(mx.dequantize(*f32(v), group_size=gs, bits=bits)).max().item()
+            tol = 2 ** -8 * mx.abs(want).max().item() + 2 ** -9 * v_max
+        for name, tuning in ATTENTION_TUNINGS.items():
+            with tuned(**tuning):
+                got = attention_decode(q, k, v, d ** -0.5, gs, bits).astype(mx.float32)
+            err = mx.abs(got - want).max().item()
+            rows.append({"keys": n, "heads": [hq, hkv], "dim": d, "bits": bits, "group_size": gs, "cache": made_by,
+                         "tuning": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol})
+    return rows
+
+
+def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=20, spare=256,
+              layers=15) -> dict:
     """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16, each over the
     caches as decoding hands them over: views of the first `keys` keys of buffers with `spare` more (mlx-lm's
     quantized caches grow by 256 keys and return a view between growths). attention_decode also runs over
@@ -227,38 +283,11 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
     does in a model. FMAs: the multiply-adds the step needs (2 * heads * keys * dim), for the compute bound."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
+    from flashmoe_mlx.kernels import attention_decode
 
-    def cache(n, hkv, d, gs, b, extra):  # a view of n keys of a buffer of n + extra, and the same as whole arrays
-        view = tuple(a[..., :n, :] for a in mx.quantize(mx.random.normal((1, hkv, n + extra, d)).astype(mx.bfloat16),
-                                                         gs, b))
-        return view, tuple(mx.contiguous(a) for a in view)
-
-    def mlx_lm_cache(n, hkv, d, gs, b):  # views from mlx-lm's own cache: a prompt of n - 1 keys, then one step
-        from mlx_lm.models.cache import QuantizedKVCache
-
-        cache = QuantizedKVCache(group_size=gs, bits=b)
-        kv = lambda m: mx.random.normal((1, hkv, m, d)).astype(mx.bfloat16)  # noqa: E731
-        cache.update_and_fetch(kv(n - 1), kv(n - 1))
-        return cache.update_and_fetch(kv(1), kv(1))
-
-    errors = []
-    rng = np.random.default_rng(2)
-    cases = [(40, 4, 1, 64, 4, 64), (1100, 8, 2, 128, 8, 32), (5000, 16, 2, 256, 4, 64), (9000, 32, 4, 128, 4, 64),
-             (1000, 32, 4, 128, 4, 64, "mlx-lm"), (33000, 32, 2, 256, 4, 64, "mlx-lm")]
-    for n, hq, hkv, d, b, gs, *made_by in cases if check else []:
-        q = mx.array(rng.standard_normal((1, hq, 1, d)).astype(np.float32)).astype(mx.bfloat16)
-        if made_by:
-            k, v = mlx_lm_cache(n, hkv, d, gs, b)
-        else:
-            (k, _), (v, _) = cache(n, hkv, d, gs, b, spare), cache(n, hkv, d, gs, b, spare)
-        got = attention_decode(q, k, v, d ** -0.5, gs, b).astype(mx.float32)
-        f32 = lambda c: tuple(a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in c)  # noqa: E731
-        want = attention_decode_reference(q.astype(mx.float32), f32(k), f32(v), d ** -0.5, gs, b)
-        errors.append(mx.abs(got - want).max().item())
     q0 = mx.random.normal((1, q_heads, 1, dim)).astype(mx.bfloat16)
-    caches = [(cache(keys, kv_heads, dim, group_size, bits, spare), cache(keys, kv_heads, dim, group_size, bits, spare))
-              for _ in range(layers)]
+    caches = [(cache_view(keys, kv_heads, dim, group_size, bits, spare),
+               cache_view(keys, kv_heads, dim, group_size, bits, spare)) for _ in range(layers)]
     mx.eval(q0, caches)
     scale = dim ** -0.5
 
@@ -305,7 +334,7 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
         mx.eval(graph)
     kv_bytes = sum(a.nbytes for a in (*whole(caches[0])[0], *whole(caches[0])[1]))
     ms = lambda times: {n: t * 1e3 for n, t in times.items()}  # noqa: E731
-    return {"max_abs_err": errors, "keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
+    return {"keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
             "layers": layers, "kv_bytes": kv_bytes, "fmas": 2 * q_heads * keys * dim,
             "ms": ms(per_layer), "ms_per_call": ms(per_call),
             "build_us_per_layer": {n: t * 1e6 for n, t in build.items()},
@@ -314,16 +343,35 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
             "speedup_vs_dequant_sdpa_per_call": per_call["dequantize+sdpa"] / per_call["attention_decode"]}
 
 
+def print_attention_check() -> list[dict]:
+    rows = attention_correctness()
+    print("| keys | heads | dim | bits | cache | tuning | max abs err | tolerance | ok |\n" + "|---" * 9 + "|")
+    for r in rows:
+        print(f"| {r['keys']} | {r['heads'][0]}/{r['heads'][1]} | {r['dim']} | {r['bits']} | {r['cache']} "
+              f"| {r['tuning']} | {r['max_abs_err']:.1e} | {r['tolerance']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    print(f"attention_decode: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="just run each path briefly, for ncu")
     ap.add_argument("--only", choices=("experts", "attention"), default=None)
+    ap.add_argument("--check", action="store_true", help="just the correctness checks of both kernels")
     args = ap.parse_args()
     if active_runner() is None:
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:
         return profile_once()
+    if args.check:
+        result = {"correctness": correctness(), "attention_correctness": print_attention_check()}
+        print(f"expert_swiglu: {sum(r['ok'] for r in result['correctness'])}/{len(result['correctness'])} cases "
+              f"within tolerance")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     bound = device_copy_gbps(nbytes=4 << 30, repeats=5)
     result = {"device": mx.device_info().get("device_name", "?"), "copy_bandwidth_gbps": bound,
               "op_overhead_us": op_overhead() * 1e6,
@@ -331,10 +379,9 @@ def main():
     print(f"per launch in a chain of 60, host work included: built-in add {result['op_overhead_us']:.1f} us, "
           f"custom kernel {result['custom_kernel_overhead_us']:.1f} us")
     if args.only != "experts":
-        result["attention"] = [attention(), attention(kv_heads=2, dim=256, check=False)]
+        result["attention_correctness"] = print_attention_check()
+        result["attention"] = [attention(), attention(kv_heads=2, dim=256)]
         for attn in result["attention"]:
-            if attn["max_abs_err"]:
-                print(f"attention_decode max abs err vs reference {[f'{e:.1e}' for e in attn['max_abs_err']]}")
             print(f"\n| {attn['keys']} keys, heads {attn['heads'][0]}/{attn['heads'][1]}, dim {attn['dim']}, "
                   f"4-bit KV ({attn['kv_bytes'] / 1e6:.0f} MB, {attn['fmas'] / 1e6:.0f}M FMA) | ms per layer of a "
                   f"{attn['layers']}-layer step | GB/s | of copy bound | TFMA/s | ms per call alone "
