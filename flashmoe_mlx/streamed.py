@@ -74,8 +74,9 @@ class StreamedSwitchGLU(SwitchGLU):
         """Per-expert outputs [..., K, H]: the fused decode kernel where a backend runs it, else mlx-lm's math.
         (The routing-weighted sum stays with mlx-lm's MoE block, which owns the scores.)"""
         tokens = slot_ids.size // slot_ids.shape[-1]
-        if self.fused and tokens <= kernels.MAX_DECODE_TOKENS and kernels.active_runner() is not None:
-            y = kernels.expert_swiglu(x.reshape(tokens, -1), self, slot_ids.reshape(tokens, -1))
+        runner = kernels.active_runner() if self.fused and tokens <= kernels.MAX_DECODE_TOKENS else None
+        if runner is not None:  # bind() found the pool supported
+            y = kernels.expert_swiglu_launches(x.reshape(tokens, -1), self, slot_ids.reshape(tokens, -1), None, runner)
             return y.reshape(*slot_ids.shape, -1)
         return super().__call__(x, slot_ids)
 
