@@ -186,7 +186,7 @@ def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.
 def expert_swiglu_launches(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.array | None,
                            runner) -> mx.array:
     """expert_swiglu's two kernel launches on `runner`, for a pool that supports_expert_swiglu has passed (a
-    caller that checked once, such as a streamed layer at bind time, skips the check's ~9 us per call)."""
+    caller that checked once, such as a streamed layer at bind time, skips the check: 3.5 us per call here)."""
     gate, up, down = pool.gate_proj, pool.up_proj, pool.down_proj
     nt, hidden = x.shape
     k = slot_ids.shape[1]
