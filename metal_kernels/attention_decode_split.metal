@@ -12,7 +12,8 @@
 // Inputs: q [B, HQ, 1, D] (T); k_w, v_w [B, HKV, N, D*BITS/32] uint32; k_s, k_b, v_s, v_b [B, HKV, N, D/GS] (T).
 // Every input is read through its strides: the cache arrays are views of a longer buffer (mlx-lm's caches slice
 // theirs at the current length), which MLX would otherwise copy whole on each call. A key's row is whole and
-// contiguous (a slice along the keys keeps it so). Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
+// contiguous (a slice along the keys keeps it so).
+// Outputs: o [B, HQ, SPLITS, D] float (unnormalised), ml [B, HQ, SPLITS, 2] float (max, sum).
 // Template constants: T, HQ, HKV, D, BITS, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), KEYS_PER_LANE (1 or
 // 2: the second key's registers against half the q reads; the wrapper picks per shape), SCALE_BITS (the score
 // scale's float32 bits: constant per model, and no small array to build and move per call). B, N: k_w's shape.
@@ -52,8 +53,8 @@ for (uint32_t e = tid; e < D * G4; e += 32 * WARPS) {
   const uint32_t d = e / G4, h = e % G4 * 4;
   float v[4];
   UNROLL for (uint32_t k = 0; k < 4; ++k)
-    v[k] = h + k < G ? float(q_kv[(h + k) * q_strides[1] + d * q_strides[3]]) * qk_scale * flashmoe_prescale<BITS>(d % 32)
-                     : 0.0f;
+    v[k] = h + k < G ? float(q_kv[(h + k) * q_strides[1] + d * q_strides[3]]) * qk_scale
+                           * flashmoe_prescale<BITS>(d % 32) : 0.0f;
   qs[e] = FLOAT4(v[0], v[1], v[2], v[3]);
 }
 BARRIER();

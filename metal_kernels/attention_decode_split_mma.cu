@@ -19,10 +19,10 @@
 //   (head, group), kept apart in float32. Rescaling O is skipped while no head's max moves.
 // At the end the SIMD-groups merge (max, sum, O) in threadgroup memory into one partial per (head, split).
 // Inputs (read through their strides), outputs and the combine pass as attention_decode_split.metal (ml's max
-// in base e). Template
-// constants: T (bfloat16), HQ, HKV, D, GS, SPLITS, WARPS (threadgroup: 32 * WARPS), SCALE_BITS (as there), STAGES
-// (tiles in flight per SIMD-group, >= 2). Requires G = HQ / HKV <= 16, GS >= 64, D % GS == 0 and an even number of groups per row
-// (the wrapper checks). Threadgroup memory: kernels.split_mma_shared_bytes counts it.
+// in base e). Template constants: T (bfloat16), HQ, HKV, D, GS, SPLITS, WARPS (threadgroup: 32 * WARPS),
+// SCALE_BITS (as there), STAGES (tiles in flight per SIMD-group, >= 2). Requires G = HQ / HKV <= 16, GS >= 64,
+// D % GS == 0 and an even number of groups per row (the wrapper checks). Threadgroup memory:
+// kernels.split_mma_shared_bytes counts it.
 constexpr uint32_t G = HQ / HKV;
 constexpr uint32_t HB = (G + 7) / 8;  // blocks of 8 heads: the values' MMA columns
 constexpr uint32_t ROW_WORDS = D / 8;
