@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 PROLOGUE_MARK = "// ---- prologue ----"
 THREADGROUP = 128  # 4 SIMD-groups
@@ -382,7 +382,7 @@ def attention_decode_launches(q: mx.array, keys: tuple, values: tuple, scale: fl
 
 def float32_bits(value: float) -> int:
     """A float's float32 bits as a (signed 32-bit) template constant."""
-    return int(np.float32(value).view(np.int32))
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
 def attention_decode_reference(q, keys, values, scale, group_size, bits):
