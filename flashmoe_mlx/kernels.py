@@ -348,7 +348,9 @@ def attention_decode(q: mx.array, keys: tuple, values: tuple, scale: float, grou
                      runner=None) -> mx.array:
     """softmax(q k^T * scale) v for one query token over an MLX-affine quantized cache (mlx-lm's
     QuantizedKVCache layout: (weights, scales, biases), each [B, HKV, N, ...]). q: [B, HQ, 1, D] -> [B, HQ, 1, D].
-    Shapes the kernel does not take (see supports_attention_decode) run the reference."""
+    The kernels read q and the cache in place through their strides (views such as mlx-lm's `x[..., :n, :]` need
+    no copy); each key's row must be contiguous, as it is in any slice along the keys. Shapes the kernel does not
+    take (see supports_attention_decode) run the reference."""
     runner = runner or active_runner()
     if runner is None or not supports_attention_decode(q.shape[1], keys[0].shape[1], q.shape[-1], bits, group_size):
         return attention_decode_reference(q, keys, values, scale, group_size, bits)
