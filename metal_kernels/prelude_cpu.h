@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <vector>
 #define DEVICE
@@ -94,12 +95,36 @@ inline void flashmoe_mma_bf16(float* d, const uint32_t* a, const uint32_t* b) {
   }
   flashmoe_simd->meet.arrive_and_wait();
 }
-// cp.async as plain copies: done at once, so commits and waits have nothing to do.
-inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) { std::memcpy(shared, global, 16); }
-inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) { *shared = *global; }
-inline void flashmoe_copy_commit() {}
+// cp.async with its destination undefined from issue until a wait covers its group: the issue fills it with
+// all-ones words (NaN as float or bfloat16 pairs) and the data lands at the lane's wait that needs the group. So
+// a body that reads a stage before waiting for it, waits for too few groups, or refills a stage that another lane
+// may still be reading, reads garbage, as a GPU may.
+struct FlashmoeCopy {
+  uint32_t* shared;
+  uint32_t words[4];
+  int count;
+};
+inline thread_local std::vector<FlashmoeCopy> flashmoe_open_group;             // issued since the last commit
+inline thread_local std::deque<std::vector<FlashmoeCopy>> flashmoe_committed;  // oldest first
+inline void flashmoe_copy_async(uint32_t* shared, const uint32_t* global, int count) {
+  FlashmoeCopy copy{shared, {}, count};
+  std::memcpy(copy.words, global, 4 * count);
+  std::memset(shared, 0xFF, 4 * count);
+  flashmoe_open_group.push_back(copy);
+}
+inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) { flashmoe_copy_async(shared, global, 4); }
+inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) { flashmoe_copy_async(shared, global, 1); }
+inline void flashmoe_copy_commit() {
+  flashmoe_committed.push_back(std::move(flashmoe_open_group));
+  flashmoe_open_group.clear();
+}
 template <int N>
-inline void flashmoe_copy_wait() {}
+inline void flashmoe_copy_wait() {  // all but the N most recent committed groups land
+  while (flashmoe_committed.size() > size_t(N)) {
+    for (const FlashmoeCopy& copy : flashmoe_committed.front()) std::memcpy(copy.shared, copy.words, 4 * copy.count);
+    flashmoe_committed.pop_front();
+  }
+}
 inline uint32_t flashmoe_nibble_pair(uint32_t v) { return (v & 0x000F000Fu) | 0x43004300u; }
 inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
   const auto minus = [](uint32_t bits16) { return std::bit_cast<uint32_t>(flashmoe_bf16_float(bits16) - 128.0f) >> 16; };
