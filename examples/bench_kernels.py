@@ -279,8 +279,9 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
     whole arrays, for what the views cost it; mlx-lm's path only does (on CUDA its quantized_matmul refuses the
     views). Two timings per path: one call evaluated alone (host work and the wait for the GPU in series), and
     per layer of a decode step: `layers` layers, each over its own cache (together more than the L2 holds), the
-    next layer's query made from this one's output, one eval per step, so host work overlaps the GPU's as it
-    does in a model. FMAs: the multiply-adds the step needs (2 * heads * keys * dim), for the compute bound."""
+    next layer's query made from this one's output, one eval per step, so later layers' launches overlap the
+    GPU's work on earlier ones as in a model's step. FMAs: the multiply-adds the step needs (2 * heads * keys *
+    dim), for the compute bound."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from flashmoe_mlx.kernels import attention_decode
