@@ -253,12 +253,11 @@ COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum thi
 # Its launch: SIMD-groups per threadgroup, tiles in flight per SIMD-group (cp.async stages), keys per SIMD-group at
 # least (tiles of 16); the first two shrink where its threadgroup memory would not fit CUDA_SHARED_BYTES. Split and
 # combine passes at 32 / 64 / 128 keys per SIMD-group (ncu, one run): 24.2 / 20.6 / 19.7 us at 32/4 heads of dim
-# 128; 27.2 / 27.2 / 27.8 at 32/2 of dim 256 (docs/BENCHMARKS.md). 32 stays until the GPU has checked results at
-# 128, where each SIMD-group's ring of stages wraps (so far only emulated).
+# 128; 27.2 / 27.2 / 27.8 at 32/2 of dim 256 (docs/BENCHMARKS.md). At 128 each SIMD-group's ring of stages wraps.
 MMA_ATTENTION = True
 MMA_ATTENTION_WARPS = 4
 MMA_ATTENTION_STAGES = 3
-MMA_KEYS_PER_SIMD_GROUP = 32
+MMA_KEYS_PER_SIMD_GROUP = 128
 CUDA_SHARED_BYTES = 48 << 10  # static shared memory of a CUDA kernel (the CUDA-only bodies)
 
 

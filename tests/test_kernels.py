@@ -297,7 +297,7 @@ def check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size,
     (2, 4, 2, 100, 156, 128, 64),   # batch 2, heads padded to 16 rows (4 real)
     (1, 12, 1, 700, 0, 256, 64),    # dim 256, 12 heads: the second head block padded; two splits
     (1, 8, 2, 9, 247, 256, 128),    # fewer keys than a tile; groups of 128 (a lane's four words)
-    (1, 16, 2, 1100, 180, 128, 64),  # several splits, each ending in a partial tile
+    (1, 16, 2, 1100, 180, 128, 64),  # two splits, each ending in a partial tile; rings of stages that wrap
 ])
 def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_heads, keys, spare, dim, group_size):
     check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys, spare=spare)
@@ -365,12 +365,12 @@ def test_attention_layout_of_the_benchmark_shapes():
 
 def test_attention_mma_layout_of_the_benchmark_shapes():
     """The tensor-core split pass: 4 SIMD-groups of 3 stages at dim 128 (37.5 KiB), cut to 2 stages and then
-    2 SIMD-groups at 32/2 heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 32 keys per SIMD-group at
-    dim 128 (1024 threadgroups), 64 at dim 256 (256 splits at most)."""
+    2 SIMD-groups at 32/2 heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 128 keys per SIMD-group: 64
+    splits at dim 128, 128 at dim 256."""
     from flashmoe_mlx.kernels import CUDA_SHARED_BYTES, attention_mma_layout, split_mma_shared_bytes
 
-    assert attention_mma_layout(4, 32768, 8, 128, 64) == (256, 4, 3)
-    assert attention_mma_layout(2, 32768, 16, 256, 64) == (256, 2, 2)
+    assert attention_mma_layout(4, 32768, 8, 128, 64) == (64, 4, 3)
+    assert attention_mma_layout(2, 32768, 16, 256, 64) == (128, 2, 2)
     assert split_mma_shared_bytes(8, 128, 64, 4, 3) == 38400 <= CUDA_SHARED_BYTES
     assert split_mma_shared_bytes(16, 256, 64, 4, 2) > CUDA_SHARED_BYTES >= split_mma_shared_bytes(16, 256, 64, 2, 2)
 
