@@ -44,6 +44,7 @@ struct bfloat16 {
 inline float flashmoe_bf16_float(uint32_t bits16) { return std::bit_cast<float>((bits16 & 0xFFFFu) << 16); }
 inline void flashmoe_load4(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 16); }
 inline void flashmoe_load2(const uint32_t* s, uint32_t* d) { std::memcpy(d, s, 8); }
+inline uint32_t flashmoe_mask_or(uint32_t v, uint32_t mask, uint32_t bits) { return (v & mask) | bits; }
 
 struct FlashmoeSimdGroup {
   std::barrier<> meet{32};

@@ -24,6 +24,13 @@ __device__ inline void flashmoe_load2(const uint32_t* s, uint32_t* d) {
   const uint2 v = *reinterpret_cast<const uint2*>(s);
   d[0] = v.x; d[1] = v.y;
 }
+// (v & mask) | bits in one LOP3; written plainly, two immediates make it an AND and an OR (the scalar bodies'
+// unpacking: 4 -> 3 instructions per weight).
+__device__ inline uint32_t flashmoe_mask_or(uint32_t v, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(bits));
+  return r;
+}
 // Tensor-core helpers (bodies that use them are CUDA-only; prelude_cpu.h emulates them for the tests).
 #define BF16_BITS(v) __bfloat16_as_ushort(v)
 __device__ inline float flashmoe_bf16_float(uint32_t bits16) { return __uint_as_float((bits16 & 0xFFFFu) << 16); }

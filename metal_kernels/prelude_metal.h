@@ -25,6 +25,7 @@ inline void flashmoe_load2(const device uint32_t* s, thread uint32_t* d) {
   const uint2 v = *reinterpret_cast<const device uint2*>(s);
   d[0] = v.x; d[1] = v.y;
 }
+inline uint32_t flashmoe_mask_or(uint32_t v, uint32_t mask, uint32_t bits) { return (v & mask) | bits; }
 // ---- prologue ----
 const uint32_t LANE = thread_index_in_simdgroup;
 const uint32_t SIMD_IN_TG = simdgroup_index_in_threadgroup;

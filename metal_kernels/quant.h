@@ -25,10 +25,10 @@ DEVICE_FN float flashmoe_biased_value(const THREAD uint32_t* words, int i) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int bit = i * BITS, word = bit / 32, shift = bit % 32;
   uint32_t m;
-  if (shift + BITS > 32) m = ((words[word] >> shift) | (words[word + 1] << (32 - shift))) & MASK;
-  else if (shift + BITS <= 23) m = words[word] & (MASK << shift);
-  else m = (words[word] >> 16) & (MASK << (shift - 16));
-  return AS_FLOAT(0x4B000000u | m);
+  if (shift + BITS > 32) m = flashmoe_mask_or((words[word] >> shift) | (words[word + 1] << (32 - shift)), MASK, 0x4B000000u);
+  else if (shift + BITS <= 23) m = flashmoe_mask_or(words[word], MASK << shift, 0x4B000000u);
+  else m = flashmoe_mask_or(words[word] >> 16, MASK << (shift - 16), 0x4B000000u);
+  return AS_FLOAT(m);
 }
 
 // Value i of a pack as q_i * 2^a_i.
