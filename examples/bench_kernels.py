@@ -7,8 +7,9 @@
 expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
 token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
 -> 4096, k = 10) for one decode token: (a) MLX's built-in path, mlx-lm's SwitchGLU (gather_qmm x3 + SwiGLU) plus
-the weighted sum; (b) the fused kernel; each also under mx.compile. Both over the same pools, timed in one run,
-plus the fused path with each choice of pass-1 body (on CUDA: the scalar body or the tensor-core one). GB/s
+the weighted sum; (b) the fused kernel; each also under mx.compile. Both over the same pools, timed in one run in
+interleaved rounds (times are medians, speedups the median of the rounds' ratios with their range), plus the
+fused path with each choice of pass-1 body (on CUDA: the scalar body or the tensor-core one). GB/s
 counts the active expert bytes (weights, scales, biases of the k experts); the bound is the card's copy
 bandwidth measured here.
 
@@ -66,7 +67,31 @@ def correctness() -> list[dict]:
     return rows
 
 
-def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50) -> dict:
+def interleaved(paths: dict, repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per evaluation of each of `paths` (name -> function building what to evaluate), in `rounds` rounds
+    that take the paths in turn, each `repeats` evaluations after 2 to warm up. A drift of the machine (clocks,
+    the host's other load) then touches every path alike, and the spread over the rounds shows the noise."""
+    times = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            for _ in range(2):
+                mx.eval(fn())
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                mx.eval(fn())
+            times[name].append((time.perf_counter() - t0) / repeats)
+    return times
+
+
+def ratios(times: dict[str, list[float]], slow: str, fast: str) -> tuple[float, float, float]:
+    """(median, min, max) over the rounds of times[slow] / times[fast], each ratio within one round."""
+    r = np.array(times[slow]) / np.array(times[fast])
+    return float(np.median(r)), float(r.min()), float(r.max())
+
+
+def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50, rounds=5) -> dict:
+    """Ms per token through `layers` MoE layers of Qwen3.5-397B's shape, built-in path against the fused kernels,
+    plain and compiled, timed in interleaved rounds (medians; speedups with their range)."""
     hidden, inter, gs = 4096, 1024, 64
     pools = [quantized_pool(hidden, inter, slots, up_bits, down_bits, gs, mx.bfloat16) for _ in range(layers)]
     rng = np.random.default_rng(1)
@@ -84,26 +109,23 @@ def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50) -> dict:
             x = expert_swiglu(x, pool, i, weights)
         return x
 
-    def per_token(fn) -> float:
-        for _ in range(3):
-            mx.eval(fn(x0))
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            mx.eval(fn(x0))
-        return (time.perf_counter() - t0) / iters
-
     per_expert = sum(getattr(pools[0], p)[n][0].nbytes for p in ("gate_proj", "up_proj", "down_proj")
                      for n in ("weight", "scales", "biases"))
     active = per_expert * k * layers
-    a, b = per_token(builtin), per_token(fused)
+    repeats = max(1, iters // rounds)
     # mx.compile replays the traced graph: the per-call host work of building each op (which for a custom
     # kernel includes rebuilding and hashing its source) is paid once, at trace time.
-    ac, bc = per_token(mx.compile(builtin)), per_token(mx.compile(fused))
-    return {"bits": [up_bits, down_bits], "layers": layers, "k": k, "active_bytes": active,
+    compiled_builtin, compiled_fused = mx.compile(builtin), mx.compile(fused)
+    times = interleaved({"builtin": lambda: builtin(x0), "fused": lambda: fused(x0),
+                         "compiled builtin": lambda: compiled_builtin(x0),
+                         "compiled fused": lambda: compiled_fused(x0)}, repeats, rounds)
+    a, b, ac, bc = (float(np.median(times[n])) for n in ("builtin", "fused", "compiled builtin", "compiled fused"))
+    speedup, compiled_speedup = ratios(times, "builtin", "fused"), ratios(times, "compiled builtin", "compiled fused")
+    return {"bits": [up_bits, down_bits], "layers": layers, "k": k, "active_bytes": active, "rounds": rounds,
             "builtin_ms": a * 1e3, "fused_ms": b * 1e3, "builtin_gbps": active / a / 1e9,
-            "fused_gbps": active / b / 1e9, "speedup": a / b,
+            "fused_gbps": active / b / 1e9, "speedup": speedup[0], "speedup_range": speedup[1:],
             "compiled": {"builtin_ms": ac * 1e3, "fused_ms": bc * 1e3, "fused_gbps": active / bc / 1e9,
-                         "speedup": ac / bc}}
+                         "speedup": compiled_speedup[0], "speedup_range": compiled_speedup[1:]}}
 
 
 def op_overhead(op=None, ops=60, iters=50) -> float:
@@ -273,7 +295,7 @@ def attention_correctness() -> list[dict]:
 
 
 def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64, iters=20, spare=256,
-              layers=15) -> dict:
+              layers=15, rounds=5) -> dict:
     """attention_decode vs dequantize + SDPA and vs mlx-lm's quantized attention, one token, bf16, each over the
     caches as decoding hands them over: views of the first `keys` keys of buffers with `spare` more (mlx-lm's
     quantized caches grow by 256 keys and return a view between growths). attention_decode also runs over
@@ -281,8 +303,9 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
     views). Two timings per path: one call evaluated alone (host work and the wait for the GPU in series), and
     per layer of a decode step: `layers` layers, each over its own cache (together more than the L2 holds), the
     next layer's query made from this one's output, one eval per step, so later layers' launches overlap the
-    GPU's work on earlier ones as in a model's step. FMAs: the multiply-adds the step needs (2 * heads * keys *
-    dim), for the compute bound."""
+    GPU's work on earlier ones as in a model's step. Both timed over `rounds` rounds that take the paths in turn
+    (`interleaved`): times are medians, speedups the median of the rounds' ratios, with their range. FMAs: the
+    multiply-adds the step needs (2 * heads * keys * dim), for the compute bound."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from flashmoe_mlx.kernels import attention_decode
@@ -312,28 +335,26 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
     if kernels.has_tensor_cores(active_runner()):
         paths["attention_decode, scalar split body"] = (scalar_body, views)
 
-    def timed(fn, repeats) -> float:
-        for _ in range(2):
-            mx.eval(fn())
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            mx.eval(fn())
-        return (time.perf_counter() - t0) / repeats
-
     def step(fn, pick):  # the layers in a chain: each query is the previous layer's output
         q = q0
         for c in caches:
             q = fn(q, *pick(c))
         return q
 
-    per_call, per_layer, build = {}, {}, {}
+    one_call = {name: (lambda fn=fn, pick=pick: fn(q0, *pick(caches[0]))) for name, (fn, pick) in paths.items()}
+    one_step = {name: (lambda fn=fn, pick=pick: step(fn, pick)) for name, (fn, pick) in paths.items()}
+    calls = interleaved(one_call, max(1, iters * layers // rounds), rounds)
+    steps = interleaved(one_step, max(1, iters // rounds), rounds)
+    steps = {name: [t / layers for t in times] for name, times in steps.items()}
+    per_call = {name: float(np.median(times)) for name, times in calls.items()}
+    per_layer = {name: float(np.median(times)) for name, times in steps.items()}
+    build = {}
     for name, (fn, pick) in paths.items():
-        per_call[name] = timed(lambda: fn(q0, *pick(caches[0])), iters * layers)
-        per_layer[name] = timed(lambda: step(fn, pick), iters) / layers
         t0 = time.perf_counter()
         graph = step(fn, pick)  # built, not yet run: the host's share before any kernel starts
         build[name] = (time.perf_counter() - t0) / layers
         mx.eval(graph)
+    speedup, speedup_per_call = (ratios(t, "dequantize+sdpa", "attention_decode") for t in (steps, calls))
     kv_bytes = sum(a.nbytes for a in (*whole(caches[0])[0], *whole(caches[0])[1]))
     ms = lambda times: {n: t * 1e3 for n, t in times.items()}  # noqa: E731
     return {"keys": keys, "heads": [q_heads, kv_heads], "dim": dim, "bits": bits,
@@ -341,8 +362,9 @@ def attention(keys=32768, q_heads=32, kv_heads=4, dim=128, bits=4, group_size=64
             "ms": ms(per_layer), "ms_per_call": ms(per_call),
             "build_us_per_layer": {n: t * 1e6 for n, t in build.items()},
             "gbps": {n: kv_bytes / t / 1e9 for n, t in per_layer.items()},
-            "speedup_vs_dequant_sdpa": per_layer["dequantize+sdpa"] / per_layer["attention_decode"],
-            "speedup_vs_dequant_sdpa_per_call": per_call["dequantize+sdpa"] / per_call["attention_decode"]}
+            "speedup_vs_dequant_sdpa": speedup[0], "speedup_vs_dequant_sdpa_range": speedup[1:],
+            "speedup_vs_dequant_sdpa_per_call": speedup_per_call[0],
+            "speedup_vs_dequant_sdpa_per_call_range": speedup_per_call[1:], "rounds": rounds}
 
 
 def print_attention_check() -> list[dict]:
@@ -392,6 +414,11 @@ def main():
                 print(f"| {name} | {ms:.3f} | {attn['gbps'][name]:.0f} | {attn['gbps'][name] / bound:.0%} "
                       f"| {attn['fmas'] / ms / 1e9:.1f} | {attn['ms_per_call'][name]:.3f} "
                       f"| {attn['build_us_per_layer'][name]:.1f} |")
+            low, high = attn["speedup_vs_dequant_sdpa_range"]
+            low_call, high_call = attn["speedup_vs_dequant_sdpa_per_call_range"]
+            print(f"attention_decode over dequantize + SDPA: {attn['speedup_vs_dequant_sdpa']:.2f}x per layer "
+                  f"({low:.2f}-{high:.2f}x over {attn['rounds']} rounds), "
+                  f"{attn['speedup_vs_dequant_sdpa_per_call']:.2f}x per call ({low_call:.2f}-{high_call:.2f}x)")
         if kernels.has_tensor_cores(active_runner()):
             result["mma_attention_sweep"] = mma_attention_sweep()
             print("\n| SIMD-groups | stages | min keys per SIMD-group | ms (32/4 heads, dim 128) "
@@ -416,14 +443,15 @@ def main():
     print(f"\ncorrectness: {sum(r['ok'] for r in rows)}/{len(rows)} cases within tolerance; "
           f"framework floor {result['op_overhead_us']:.1f} us per op")
     print(f"\n| experts (gate/up, down bits) | built-in ms/token | fused ms/token | built-in GB/s | fused GB/s "
-          f"| fused / copy bound ({bound:.0f} GB/s) | speedup |\n|---|---|---|---|---|---|---|")
+          f"| fused / copy bound ({bound:.0f} GB/s) | speedup (range over rounds) |\n|---|---|---|---|---|---|---|")
     for r in runs:
         c = r["compiled"]
-        for label, a, b in ((r["bits"], r["builtin_ms"], r["fused_ms"]),
-                            (r["bits"] + ["mx.compile"], c["builtin_ms"], c["fused_ms"])):
+        for label, a, b, x, (low, high) in (
+                (r["bits"], r["builtin_ms"], r["fused_ms"], r["speedup"], r["speedup_range"]),
+                (r["bits"] + ["mx.compile"], c["builtin_ms"], c["fused_ms"], c["speedup"], c["speedup_range"])):
             gbps_a, gbps_b = r["active_bytes"] / a / 1e6, r["active_bytes"] / b / 1e6
             print(f"| {'/'.join(map(str, label))} | {a:.2f} | {b:.2f} | {gbps_a:.0f} | {gbps_b:.0f} "
-                  f"| {gbps_b / bound:.0%} | {a / b:.1f}x |")
+                  f"| {gbps_b / bound:.0%} | {x:.1f}x ({low:.1f}-{high:.1f}) |")
     print("\n| bodies | bits | fused ms/layer (compiled) | built-in ms/layer (compiled) |\n|---|---|---|---|")
     for r in result["bodies_sweep"]:
         print(f"| {r['bodies']} | {'/'.join(map(str, r['bits']))} | {r['fused_ms_per_layer']:.4f} "
