@@ -3,9 +3,9 @@
 // uint32 words. 32 values ("a pack") fill exactly BITS words, and group sizes are multiples of 32, so a
 // pack has one scale and one bias: w_i = scale * q_i + bias.
 //
-// A value becomes a float in three instructions and no int->float conversion (which GPUs issue at a
-// fraction of the FMA rate): its bits are masked *in place*, OR-ed under the exponent of 2^23, and 2^23 is
-// subtracted, which is exact. In place means the float is q_i * 2^a_i, with a_i = the field's bit offset,
+// A value becomes a float in two instructions and no int->float conversion (which GPUs issue at a
+// fraction of the FMA rate): its bits are masked *in place* and OR-ed under the exponent of 2^23 in one
+// (flashmoe_mask_or: a LOP3 on CUDA), and 2^23 is subtracted, which is exact. In place means the float is q_i * 2^a_i, with a_i = the field's bit offset,
 // so the other operand of the dot product comes pre-multiplied by 2^-a_i (exact: a power of two).
 // A field above bit 22 is read from the word shifted down by 16 (one shift per word, shared by its fields);
 // a field that straddles two words (3/5/6/7 bits) is shifted into bit 0.
@@ -24,11 +24,11 @@ template <int BITS>
 DEVICE_FN float flashmoe_biased_value(const THREAD uint32_t* words, int i) {
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int bit = i * BITS, word = bit / 32, shift = bit % 32;
-  uint32_t m;
-  if (shift + BITS > 32) m = flashmoe_mask_or((words[word] >> shift) | (words[word + 1] << (32 - shift)), MASK, 0x4B000000u);
-  else if (shift + BITS <= 23) m = flashmoe_mask_or(words[word], MASK << shift, 0x4B000000u);
-  else m = flashmoe_mask_or(words[word] >> 16, MASK << (shift - 16), 0x4B000000u);
-  return AS_FLOAT(m);
+  uint32_t source, mask;  // the field's bits are source & mask
+  if (shift + BITS > 32) { source = (words[word] >> shift) | (words[word + 1] << (32 - shift)); mask = MASK; }
+  else if (shift + BITS <= 23) { source = words[word]; mask = MASK << shift; }
+  else { source = words[word] >> 16; mask = MASK << (shift - 16); }
+  return AS_FLOAT(flashmoe_mask_or(source, mask, 0x4B000000u));
 }
 
 // Value i of a pack as q_i * 2^a_i.
