@@ -2,6 +2,7 @@
 
     python examples/bench_kernels.py [--only experts|attention] [--json out.json]   # needs MLX with Metal or CUDA
     python examples/bench_kernels.py --profile      # each path briefly, under a profiler (ncu) for kernel times
+    python examples/bench_kernels.py --profile-chain  # expert layers in a chain, for ncu --cache-control none
     python examples/bench_kernels.py --check        # the correctness checks alone
 
 expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
@@ -238,6 +239,29 @@ def profile_once():
                     mx.eval(expert_swiglu(x, pool, ids, w))
 
 
+def profile_chain(layers=8, slots=16, hidden=4096, inter=1024):
+    """Expert layers (Qwen3.5-397B's shape, k = 10) in one evaluated chain, each over its own pool (together more
+    than the L2 holds), 4/4 and 3/4 bits, with each choice of pass-1 body: each chain twice, for a profiler that
+    leaves the caches as the kernels leave them (ncu --cache-control none), as a decode step does: a layer's kernels
+    find nothing of their bytes in L2 but what they share with each other. Launch order, which a reading of the
+    profile goes by: bits, body, chain, layer, pass."""
+    rng = np.random.default_rng(2)
+    w = mx.softmax(mx.random.normal((1, 10)), axis=-1).astype(mx.bfloat16)
+    x0 = mx.random.normal((1, hidden)).astype(mx.bfloat16)
+    for bits in ((4, 4), (3, 4)):
+        pools = [quantized_pool(hidden, inter, slots, *bits, 64, mx.bfloat16) for _ in range(layers)]
+        ids = [mx.array(rng.choice(slots, 10, replace=False)[None].astype(np.uint32)) for _ in range(layers)]
+        mx.eval(ids)
+        for values in BODIES.values():
+            with tuned(**values):
+                for _ in range(2):
+                    x = x0
+                    for pool, i in zip(pools, ids):
+                        x = expert_swiglu(x, pool, i, w)
+                    mx.eval(x)
+        del pools
+
+
 def cache_view(n, hkv, d, gs, bits, spare):
     """A quantized cache as decoding hands it over, a view of n keys of a buffer of n + spare; and the same as
     whole arrays."""
@@ -381,6 +405,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="just run each path briefly, for ncu")
+    ap.add_argument("--profile-chain", action="store_true",
+                    help="expert layers in a chain over their own pools, for ncu --cache-control none")
     ap.add_argument("--only", choices=("experts", "attention"), default=None)
     ap.add_argument("--check", action="store_true", help="just the correctness checks of both kernels")
     args = ap.parse_args()
@@ -388,6 +414,8 @@ def main():
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:
         return profile_once()
+    if args.profile_chain:
+        return profile_chain()
     if args.check:
         result = {"correctness": correctness(), "attention_correctness": print_attention_check()}
         print(f"expert_swiglu: {sum(r['ok'] for r in result['correctness'])}/{len(result['correctness'])} cases "

@@ -1,5 +1,5 @@
 """The examples run: the notebook's code cells in order, the converter demo script, and bench_kernels' attention
-timing on the emulated GPU."""
+timing and expert profiling chain on the emulated GPU."""
 
 from __future__ import annotations
 
@@ -53,3 +53,30 @@ def test_bench_kernels_attention_runs_on_the_emulated_gpu(monkeypatch):
     for key in ("speedup_vs_dequant_sdpa", "speedup_vs_dequant_sdpa_per_call"):
         low, high = attn[f"{key}_range"]
         assert 0 < low <= attn[key] <= high
+
+
+def test_bench_kernels_profile_chain_launches_in_the_documented_order(monkeypatch):
+    """The expert chain for ncu (`--profile-chain`) on the emulated CUDA device at a small shape: its launches come
+    in the order a reading of the profile assumes (bits, pass-1 body, chain, layer, pass), the tensor-core pass 1
+    where it applies (4-bit gate/up with that body chosen)."""
+    from kernel_emulator import run_emulated_cuda
+
+    from flashmoe_mlx.kernels import use_runner
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import bench_kernels
+
+    ran = []
+
+    def recording(launch):
+        ran.append(launch.kernel)
+        return run_emulated_cuda(launch)
+
+    recording.tensor_cores = True
+    with use_runner(recording):
+        bench_kernels.profile_chain(layers=2, slots=10, hidden=256, inter=64)
+    pass1 = {(4, "scalar"): "gate_up", (4, "MMA pass 1"): "gate_up_mma", (3, "scalar"): "gate_up",
+             (3, "MMA pass 1"): "gate_up"}
+    want = [f"expert_swiglu_{kernel}" for bits in (4, 3) for body in bench_kernels.BODIES for _ in range(2 * 2)
+            for kernel in (pass1[bits, body], "down")]
+    assert ran == want
