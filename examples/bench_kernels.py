@@ -3,6 +3,7 @@
     python examples/bench_kernels.py [--only experts|attention] [--json out.json]   # needs MLX with Metal or CUDA
     python examples/bench_kernels.py --profile      # each path briefly, under a profiler (ncu) for kernel times
     python examples/bench_kernels.py --profile-chain  # expert layers in a chain, for ncu --cache-control none
+    python examples/bench_kernels.py --chain-table ncu.csv   # that profile's table (ncu --csv output; no GPU)
     python examples/bench_kernels.py --check        # the correctness checks alone
 
 expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import time
 
@@ -239,6 +241,61 @@ def profile_once():
                     mx.eval(expert_swiglu(x, pool, ids, w))
 
 
+CHAIN_BITS = ((4, 4), (3, 4))  # (gate/up, down) bits of profile_chain's layers, in its order
+NCU_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,  # times -> us
+             "byte": 1e-6, "B": 1e-6, "Kbyte": 1e-3, "KB": 1e-3, "Mbyte": 1.0, "MB": 1.0,  # bytes -> MB
+             "Gbyte": 1e3, "GB": 1e3}
+
+
+def expert_bytes(hidden, inter, up_bits, down_bits, group_size, k=10) -> int:
+    """Bytes a token's k experts read: gate, up and down weights, and a bfloat16 scale and bias per group."""
+    return k * (hidden * inter * (2 * up_bits + down_bits) // 8 + 3 * 2 * 2 * hidden * inter // group_size)
+
+
+def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
+    """From ncu's --csv output over `--profile-chain` (metrics gpu__time_duration.sum and dram__bytes_read.sum,
+    kernels flashmoe_expert* only): per (bits, pass-1 body), medians and ranges over the second chain's layers
+    of each pass's time (us) and DRAM reads (MB), their sum per layer, and that layer's active bytes over it."""
+    rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
+    head = rows[0]
+    at = {name: head.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    launches = {}
+    for r in rows[1:]:
+        value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
+        launches.setdefault(int(r[at["ID"]]), {"name": r[at["Kernel Name"]]})[r[at["Metric Name"]]] = value
+    launches = [launches[i] for i in sorted(launches)]
+    per_body = 2 * 2 * layers  # two chains of layers, two passes each
+    if len(launches) != len(CHAIN_BITS) * len(BODIES) * per_body:
+        raise ValueError(f"{len(launches)} launches in the profile; --profile-chain at {layers} layers makes "
+                         f"{len(CHAIN_BITS) * len(BODIES) * per_body}")
+    out = []
+    for n, (bits, body) in enumerate((bits, body) for bits in CHAIN_BITS for body in BODIES):
+        second = launches[n * per_body + per_body // 2:(n + 1) * per_body]
+        passes = second[0::2], second[1::2]
+        if not all("gate_up" in a["name"] and "down" in b["name"] for a, b in zip(*passes)):
+            raise ValueError(f"the launches of {bits} bits, {body}, are not pass 1 then pass 2 in turn")
+        row = {"bits": list(bits), "body": body}
+        for name, launched in zip(("pass1", "pass2"), passes):
+            us = [a["gpu__time_duration.sum"] for a in launched]
+            row[f"{name}_us"], row[f"{name}_us_range"] = float(np.median(us)), [min(us), max(us)]
+            row[f"{name}_dram_mb"] = float(np.median([a["dram__bytes_read.sum"] for a in launched]))
+        row["layer_us"] = float(np.median([a["gpu__time_duration.sum"] + b["gpu__time_duration.sum"]
+                                           for a, b in zip(*passes)]))
+        row["layer_tbps"] = expert_bytes(hidden, inter, *bits, 64) / row["layer_us"] / 1e6
+        out.append(row)
+    return out
+
+
+def print_chain_table(rows: list[dict]):
+    print("| bits | pass-1 body | pass 1 us | pass 1 MB | pass 2 us | pass 2 MB | per layer us | TB/s (of 4.8) |\n"
+          + "|---" * 8 + "|")
+    for r in rows:
+        passes = " | ".join(f"{r[f'{p}_us']:.1f} ({r[f'{p}_us_range'][0]:.1f}-{r[f'{p}_us_range'][1]:.1f}) "
+                            f"| {r[f'{p}_dram_mb']:.1f}" for p in ("pass1", "pass2"))
+        print(f"| {'/'.join(map(str, r['bits']))} | {r['body']} | {passes} | {r['layer_us']:.1f} "
+              f"| {r['layer_tbps']:.2f} ({r['layer_tbps'] / 4.8:.0%}) |")
+
+
 def profile_chain(layers=8, slots=16, hidden=4096, inter=1024):
     """Expert layers (Qwen3.5-397B's shape, k = 10) in one evaluated chain, each over its own pool (together more
     than the L2 holds), 4/4 and 3/4 bits, with each choice of pass-1 body: each chain twice, for a profiler that
@@ -248,7 +305,7 @@ def profile_chain(layers=8, slots=16, hidden=4096, inter=1024):
     rng = np.random.default_rng(2)
     w = mx.softmax(mx.random.normal((1, 10)), axis=-1).astype(mx.bfloat16)
     x0 = mx.random.normal((1, hidden)).astype(mx.bfloat16)
-    for bits in ((4, 4), (3, 4)):
+    for bits in CHAIN_BITS:
         pools = [quantized_pool(hidden, inter, slots, *bits, 64, mx.bfloat16) for _ in range(layers)]
         ids = [mx.array(rng.choice(slots, 10, replace=False)[None].astype(np.uint32)) for _ in range(layers)]
         mx.eval(ids)
@@ -407,9 +464,19 @@ def main():
     ap.add_argument("--profile", action="store_true", help="just run each path briefly, for ncu")
     ap.add_argument("--profile-chain", action="store_true",
                     help="expert layers in a chain over their own pools, for ncu --cache-control none")
+    ap.add_argument("--chain-table", metavar="NCU_CSV",
+                    help="read ncu's --csv output of --profile-chain and print its table (no GPU needed)")
     ap.add_argument("--only", choices=("experts", "attention"), default=None)
     ap.add_argument("--check", action="store_true", help="just the correctness checks of both kernels")
     args = ap.parse_args()
+    if args.chain_table:
+        with open(args.chain_table) as f:
+            rows = chain_table(f.read())
+        print_chain_table(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if active_runner() is None:
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:

@@ -1,5 +1,5 @@
 """The examples run: the notebook's code cells in order, the converter demo script, and bench_kernels' attention
-timing and expert profiling chain on the emulated GPU."""
+timing and expert profiling chain on the emulated GPU, and its reading of that chain's profile."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -80,3 +83,38 @@ def test_bench_kernels_profile_chain_launches_in_the_documented_order(monkeypatc
     want = [f"expert_swiglu_{kernel}" for bits in (4, 3) for body in bench_kernels.BODIES for _ in range(2 * 2)
             for kernel in (pass1[bits, body], "down")]
     assert ran == want
+
+
+def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
+    """`--chain-table` over a CSV laid out as ncu writes it (a preamble, quoted rows, one per launch and metric,
+    mixed units): per (bits, pass-1 body) the medians and ranges of the second chain's layers, computed here from
+    the values put in; a profile with other launches is refused."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import bench_kernels
+
+    layers, want, launch = 3, [], 0
+    rows = ['==PROF== Disconnected', '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    for n, (bits, body) in enumerate((b, body) for b in bench_kernels.CHAIN_BITS for body in bench_kernels.BODIES):
+        times = {}
+        for chain in range(2):
+            for layer in range(layers):
+                for kernel, us in (("gate_up", 20.0 + n + 3 * layer + 50 * (chain == 0)), ("down", 10.0 + layer)):
+                    name = f"custom_kernel_flashmoe_expert_swiglu_{kernel}_bfloat16_t(const float *)"
+                    rows.append(f'"{launch}","{name}","gpu__time_duration.sum","nsecond","{us * 1000:,.0f}"')
+                    rows.append(f'"{launch}","{name}","dram__bytes_read.sum","Kbyte","{us * 1000:,.1f}"')
+                    launch += 1
+                    if chain == 1:
+                        times.setdefault(kernel, []).append(us)
+        want.append((list(bits), body, times))
+    got = bench_kernels.chain_table("\n".join(rows), layers=layers)
+    assert [(r["bits"], r["body"]) for r in got] == [(bits, body) for bits, body, _ in want]
+    for r, (bits, _, times) in zip(got, want):
+        first, second = times["gate_up"], times["down"]
+        assert r["pass1_us"] == pytest.approx(np.median(first))
+        assert r["pass1_us_range"] == pytest.approx([min(first), max(first)])
+        assert r["pass2_us"] == pytest.approx(np.median(second))
+        assert r["pass2_dram_mb"] == pytest.approx(np.median(second))
+        assert r["layer_us"] == pytest.approx(np.median(np.add(first, second)))
+        assert r["layer_tbps"] == pytest.approx(bench_kernels.expert_bytes(4096, 1024, *bits, 64) / r["layer_us"] / 1e6)
+    with pytest.raises(ValueError, match="launches in the profile"):
+        bench_kernels.chain_table("\n".join(rows[:-2]), layers=layers)
