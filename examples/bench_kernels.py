@@ -92,6 +92,11 @@ def ratios(times: dict[str, list[float]], slow: str, fast: str) -> tuple[float, 
     return float(np.median(r)), float(r.min()), float(r.max())
 
 
+def expert_bytes(hidden, inter, up_bits, down_bits, group_size, k=10) -> int:
+    """Bytes a token's k experts read: gate, up and down weights, and a bfloat16 scale and bias per group."""
+    return k * (hidden * inter * (2 * up_bits + down_bits) // 8 + 3 * 2 * 2 * hidden * inter // group_size)
+
+
 def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50, rounds=5) -> dict:
     """Ms per token through `layers` MoE layers of Qwen3.5-397B's shape, built-in path against the fused kernels,
     plain and compiled, timed in interleaved rounds (medians; speedups with their range)."""
@@ -112,9 +117,7 @@ def speed(up_bits, down_bits, layers=30, slots=64, k=10, iters=50, rounds=5) -> 
             x = expert_swiglu(x, pool, i, weights)
         return x
 
-    per_expert = sum(getattr(pools[0], p)[n][0].nbytes for p in ("gate_proj", "up_proj", "down_proj")
-                     for n in ("weight", "scales", "biases"))
-    active = per_expert * k * layers
+    active = expert_bytes(hidden, inter, up_bits, down_bits, gs, k) * layers
     repeats = max(1, iters // rounds)
     # mx.compile replays the traced graph: the per-call host work of building each op (which for a custom
     # kernel includes rebuilding and hashing its source) is paid once, at trace time.
@@ -242,14 +245,10 @@ def profile_once():
 
 
 CHAIN_BITS = ((4, 4), (3, 4))  # (gate/up, down) bits of profile_chain's layers, in its order
+CHAIN_GROUP_SIZE = 64
 NCU_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,  # times -> us
              "byte": 1e-6, "B": 1e-6, "Kbyte": 1e-3, "KB": 1e-3, "Mbyte": 1.0, "MB": 1.0,  # bytes -> MB
              "Gbyte": 1e3, "GB": 1e3}
-
-
-def expert_bytes(hidden, inter, up_bits, down_bits, group_size, k=10) -> int:
-    """Bytes a token's k experts read: gate, up and down weights, and a bfloat16 scale and bias per group."""
-    return k * (hidden * inter * (2 * up_bits + down_bits) // 8 + 3 * 2 * 2 * hidden * inter // group_size)
 
 
 def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
@@ -281,7 +280,7 @@ def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
             row[f"{name}_dram_mb"] = float(np.median([a["dram__bytes_read.sum"] for a in launched]))
         row["layer_us"] = float(np.median([a["gpu__time_duration.sum"] + b["gpu__time_duration.sum"]
                                            for a, b in zip(*passes)]))
-        row["layer_tbps"] = expert_bytes(hidden, inter, *bits, 64) / row["layer_us"] / 1e6
+        row["layer_tbps"] = expert_bytes(hidden, inter, *bits, CHAIN_GROUP_SIZE) / row["layer_us"] / 1e6
         out.append(row)
     return out
 
@@ -306,7 +305,7 @@ def profile_chain(layers=8, slots=16, hidden=4096, inter=1024):
     w = mx.softmax(mx.random.normal((1, 10)), axis=-1).astype(mx.bfloat16)
     x0 = mx.random.normal((1, hidden)).astype(mx.bfloat16)
     for bits in CHAIN_BITS:
-        pools = [quantized_pool(hidden, inter, slots, *bits, 64, mx.bfloat16) for _ in range(layers)]
+        pools = [quantized_pool(hidden, inter, slots, *bits, CHAIN_GROUP_SIZE, mx.bfloat16) for _ in range(layers)]
         ids = [mx.array(rng.choice(slots, 10, replace=False)[None].astype(np.uint32)) for _ in range(layers)]
         mx.eval(ids)
         for values in BODIES.values():
