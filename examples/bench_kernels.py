@@ -251,17 +251,22 @@ NCU_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 
              "Gbyte": 1e3, "GB": 1e3}
 
 
+CHAIN_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum")
+
+
 def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
-    """From ncu's --csv output over `--profile-chain` (metrics gpu__time_duration.sum and dram__bytes_read.sum,
-    kernels flashmoe_expert* only): per (bits, pass-1 body), medians and ranges over the second chain's layers
-    of each pass's time (us) and DRAM reads (MB), their sum per layer, and that layer's active bytes over it."""
+    """From ncu's --csv output over `--profile-chain` (CHAIN_METRICS among its metrics, kernels flashmoe_expert*
+    only): per (bits, pass-1 body), medians and ranges over the second chain's layers of each pass's time (us) and
+    DRAM reads (MB), their sum per layer, and that layer's active bytes over it."""
     rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
     head = rows[0]
     at = {name: head.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     launches = {}
     for r in rows[1:]:
-        value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
-        launches.setdefault(int(r[at["ID"]]), {"name": r[at["Kernel Name"]]})[r[at["Metric Name"]]] = value
+        launch = launches.setdefault(int(r[at["ID"]]), {"name": r[at["Kernel Name"]]})
+        if r[at["Metric Name"]] in CHAIN_METRICS:  # others (registers, say) may ride along in the same profile
+            value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
+            launch[r[at["Metric Name"]]] = value
     launches = [launches[i] for i in sorted(launches)]
     per_body = 2 * 2 * layers  # two chains of layers, two passes each
     if len(launches) != len(CHAIN_BITS) * len(BODIES) * per_body:

@@ -87,8 +87,8 @@ def test_bench_kernels_profile_chain_launches_in_the_documented_order(monkeypatc
 
 def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
     """`--chain-table` over a CSV laid out as ncu writes it (a preamble, quoted rows, one per launch and metric,
-    mixed units): per (bits, pass-1 body) the medians and ranges of the second chain's layers, computed here from
-    the values put in; a profile with other launches is refused."""
+    mixed units, a metric the table does not read): per (bits, pass-1 body) the medians and ranges of the second
+    chain's layers, computed here from the values put in; a profile with other launches is refused."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     import bench_kernels
 
@@ -102,6 +102,7 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
                     name = f"custom_kernel_flashmoe_expert_swiglu_{kernel}_bfloat16_t(const float *)"
                     rows.append(f'"{launch}","{name}","gpu__time_duration.sum","nsecond","{us * 1000:,.0f}"')
                     rows.append(f'"{launch}","{name}","dram__bytes_read.sum","Kbyte","{us * 1000:,.1f}"')
+                    rows.append(f'"{launch}","{name}","launch__registers_per_thread","register/thread","80"')
                     launch += 1
                     if chain == 1:
                         times.setdefault(kernel, []).append(us)
@@ -117,4 +118,4 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
         assert r["layer_us"] == pytest.approx(np.median(np.add(first, second)))
         assert r["layer_tbps"] == pytest.approx(bench_kernels.expert_bytes(4096, 1024, *bits, 64) / r["layer_us"] / 1e6)
     with pytest.raises(ValueError, match="launches in the profile"):
-        bench_kernels.chain_table("\n".join(rows[:-2]), layers=layers)
+        bench_kernels.chain_table("\n".join(rows[:-3]), layers=layers)  # the last launch dropped
