@@ -27,9 +27,10 @@ THREADGROUP = 128  # 4 SIMD-groups
 UP_ROWS, DOWN_ROWS = 2, 8
 UP_WARPS = 8  # SIMD-groups per pass-1 threadgroup, which stages the token's activations once for all of them
 # Pass 1 on tensor cores (CUDA only: expert_swiglu_gate_up_mma.cu; bfloat16 MMA, float32 accumulation) where the
-# runner has them and the shape fits. H200, Qwen3.5's shape: 19.5-20.2 us against the scalar body's 28.8-29.1
-# (docs/BENCHMARKS.md). Its launch: SIMD-groups sharing a 16-row tile's packs, tiles per threadgroup (which stages
-# the activations once for all of them), blocks of 8 packs whose loads are in flight together.
+# runner has them and the shape fits. H200, Qwen3.5's shape, layers in a chain: 18.8 us at 4 bits and 20.6 at 3
+# against the scalar body's 23.4 at either (docs/BENCHMARKS.md). Its launch: SIMD-groups sharing a 16-row tile's
+# packs, tiles per threadgroup (which stages the activations once for all of them), blocks of 8 packs whose loads
+# are in flight together.
 MMA_GATE_UP = True
 MMA_KSPLIT, MMA_TILES, MMA_ROUND = 8, 1, 1
 MAX_HIDDEN = 7680  # pass 1 stages 34/32 floats per activation: 30.6 KiB of the 32 KiB Metal guarantees
@@ -167,9 +168,9 @@ def supports_expert_swiglu(pool: nn.Module) -> bool:
 
 
 def takes_tensor_cores(dtype: mx.Dtype, up_bits: int, hidden: int, inter: int) -> bool:
-    """What expert_swiglu_gate_up_mma requires: bfloat16 activations (exact as MMA operands), 4-bit gate/up,
-    whole blocks of 8 packs per row and whole 32-row blocks of h."""
-    return dtype == mx.bfloat16 and up_bits == 4 and hidden % 256 == 0 and inter % 32 == 0
+    """What expert_swiglu_gate_up_mma requires: bfloat16 activations (exact as MMA operands), 3- or 4-bit
+    gate/up, whole blocks of 8 packs per row and whole 32-row blocks of h."""
+    return dtype == mx.bfloat16 and up_bits in (3, 4) and hidden % 256 == 0 and inter % 32 == 0
 
 
 def expert_swiglu(x: mx.array, pool: nn.Module, slot_ids: mx.array, weights: mx.array | None = None,
@@ -202,8 +203,8 @@ def expert_swiglu_launches(x: mx.array, pool: nn.Module, slot_ids: mx.array, wei
         warps = MMA_KSPLIT * MMA_TILES
         (h,) = runner(Launch(
             "expert_swiglu_gate_up_mma", pass1_inputs, h_shape,
-            {**constants, "GS_UP": gate.group_size, "KSPLIT": MMA_KSPLIT, "TILES_PER_TG": MMA_TILES,
-             "ROUND": MMA_ROUND},
+            {**constants, "BITS_UP": gate.bits, "GS_UP": gate.group_size, "KSPLIT": MMA_KSPLIT,
+             "TILES_PER_TG": MMA_TILES, "ROUND": MMA_ROUND},
             nt * k * -(-inter // (16 * MMA_TILES)) * warps, threadgroup=32 * warps))
     else:
         (h,) = runner(Launch(

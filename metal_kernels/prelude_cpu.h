@@ -127,6 +127,9 @@ inline void flashmoe_copy_wait() {  // all but the N most recent committed group
   }
 }
 inline uint32_t flashmoe_nibble_pair(uint32_t v) { return (v & 0x000F000Fu) | 0x43004300u; }
+inline uint32_t flashmoe_funnel_shift(uint32_t lo, uint32_t hi, uint32_t s) {
+  return uint32_t((uint64_t(hi) << 32 | lo) >> (s & 31u));
+}
 inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
   const auto minus = [](uint32_t bits16) { return std::bit_cast<uint32_t>(flashmoe_bf16_float(bits16) - 128.0f) >> 16; };
   return minus(v) | minus(v >> 16) << 16;

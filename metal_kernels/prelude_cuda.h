@@ -48,6 +48,8 @@ __device__ inline uint32_t flashmoe_nibble_pair(uint32_t v) {
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(0x000F000Fu), "r"(0x43004300u));
   return r;
 }
+// The 32 bits of hi:lo (64 bits) from bit s (< 32) up, one SHF: a field that straddles two words in one instruction.
+__device__ inline uint32_t flashmoe_funnel_shift(uint32_t lo, uint32_t hi, uint32_t s) { return __funnelshift_r(lo, hi, s); }
 // Both bfloat16 halves of v minus 128 (exact for the 128 + q this is used on).
 __device__ inline uint32_t flashmoe_bf16x2_minus_128(uint32_t v) {
   uint32_t r;

@@ -111,30 +111,35 @@ def check_tensor_core_passes(hidden, inter, slots, tokens, k, up_bits, down_bits
     return set(outputs)
 
 
-@pytest.mark.parametrize("hidden, inter, slots, tokens, k, down_bits, group_size", [
-    (256, 64, 4, 1, 2, 4, 64),
-    (512, 96, 5, 2, 3, 4, 32),     # group 32: each of a lane's two packs has its own scale and bias
-    (768, 128, 3, 3, 2, 3, 128),   # 3 blocks per row; mixed precision down
-    (256, 32, 6, 4, 4, 8, 32),     # one 32-row block, 4 tokens
+@pytest.mark.parametrize("hidden, inter, slots, tokens, k, up_bits, down_bits, group_size", [
+    (256, 64, 4, 1, 2, 4, 4, 64),
+    (512, 96, 5, 2, 3, 4, 4, 32),     # group 32: each of a lane's two packs has its own scale and bias
+    (768, 128, 3, 3, 2, 4, 3, 128),   # 3 blocks per row; mixed precision down
+    (256, 32, 6, 4, 4, 4, 8, 32),     # one 32-row block, 4 tokens
+    (256, 64, 4, 1, 2, 3, 4, 64),     # 3 bits: the 3bit recipe's gate/up (fields across words)
+    (512, 96, 5, 2, 3, 3, 4, 32),
+    (768, 128, 3, 3, 2, 3, 3, 128),
 ])
-def test_expert_swiglu_tensor_core_body_matches_reference(hidden, inter, slots, tokens, k, down_bits, group_size):
-    ran = check_tensor_core_passes(hidden, inter, slots, tokens, k, 4, down_bits, group_size, hidden + inter)
+def test_expert_swiglu_tensor_core_body_matches_reference(hidden, inter, slots, tokens, k, up_bits, down_bits,
+                                                          group_size):
+    ran = check_tensor_core_passes(hidden, inter, slots, tokens, k, up_bits, down_bits, group_size, hidden + inter)
     assert ran == {"expert_swiglu_gate_up_mma", "expert_swiglu_down"}
 
 
-@pytest.mark.parametrize("ksplit, tiles, rounds", [(1, 1, 1), (2, 4, 2), (4, 2, 1), (4, 2, 4)])
-def test_expert_swiglu_tensor_core_body_at_other_launch_tunings(ksplit, tiles, rounds, monkeypatch):
+@pytest.mark.parametrize("ksplit, tiles, rounds, up_bits", [(1, 1, 1, 4), (2, 4, 2, 4), (4, 2, 1, 4), (4, 2, 4, 4),
+                                                             (2, 4, 2, 3), (4, 2, 4, 3)])
+def test_expert_swiglu_tensor_core_body_at_other_launch_tunings(ksplit, tiles, rounds, up_bits, monkeypatch):
     """Tiles that do not fill a threadgroup (6 of 16 rows at 4 per threadgroup), blocks that do not fill the
     SIMD-groups' rounds (3 blocks per row), SIMD-groups with no block at all."""
     for name, value in (("MMA_KSPLIT", ksplit), ("MMA_TILES", tiles), ("MMA_ROUND", rounds)):
         monkeypatch.setattr(kernels, name, value)
-    ran = check_tensor_core_passes(768, 96, 4, 2, 3, 4, 4, 32, seed=ksplit + tiles)
+    ran = check_tensor_core_passes(768, 96, 4, 2, 3, up_bits, 4, 32, seed=ksplit + tiles)
     assert ran == {"expert_swiglu_gate_up_mma", "expert_swiglu_down"}
 
 
 def test_expert_swiglu_scalar_bodies_in_bfloat16_on_a_cuda_device():
-    """3-bit gate/up on a CUDA device: the scalar bodies, in bfloat16 (T = bfloat16 in the emulation too)."""
-    ran = check_tensor_core_passes(256, 64, 4, 2, 3, 3, 4, 64, seed=5)
+    """2-bit gate/up on a CUDA device: the scalar bodies, in bfloat16 (T = bfloat16 in the emulation too)."""
+    ran = check_tensor_core_passes(256, 64, 4, 2, 3, 2, 4, 64, seed=5)
     assert ran == {"expert_swiglu_gate_up", "expert_swiglu_down"}
 
 
@@ -151,7 +156,8 @@ def test_tensor_cores_only_where_the_runner_has_them(monkeypatch):
     kernels.cuda_capability.cache_clear()
     assert kernels.takes_tensor_cores(mx.bfloat16, 4, 4096, 1024)
     assert not kernels.takes_tensor_cores(mx.float32, 4, 4096, 1024)
-    assert not kernels.takes_tensor_cores(mx.bfloat16, 3, 4096, 1024)
+    assert kernels.takes_tensor_cores(mx.bfloat16, 3, 4096, 1024)
+    assert not kernels.takes_tensor_cores(mx.bfloat16, 2, 4096, 1024)
     assert not kernels.takes_tensor_cores(mx.bfloat16, 4, 4096 + 32, 1024)
 
 
