@@ -76,14 +76,14 @@ const auto issue = [&](uint32_t t) {  // tile t of this SIMD-group into stage t 
     UNROLL for (uint32_t e0 = 0; e0 < 4 * ROW_WORDS; e0 += 32) {  // 16 rows of ROW_WORDS / 4 chunks of 16 bytes
       const uint32_t row = (e0 + LANE) / (ROW_WORDS / 4), col = (e0 + LANE) % (ROW_WORDS / 4) * 4;
       const uint32_t key = c0 + row < n1 ? c0 + row : n1 - 1;
-      flashmoe_copy_async16(stage + row * STRIDE + col, kw_rows + key * ROW_WORDS + col);
-      flashmoe_copy_async16(stage + (16 + row) * STRIDE + col, vw_rows + key * ROW_WORDS + col);
+      flashmoe_copy_async<4>(stage + row * STRIDE + col, kw_rows + key * ROW_WORDS + col);
+      flashmoe_copy_async<4>(stage + (16 + row) * STRIDE + col, vw_rows + key * ROW_WORDS + col);
     }
     UNROLL for (uint32_t e0 = 0; e0 < SCALE_WORDS; e0 += 32) {
       const uint32_t e = e0 + LANE, key = c0 + e / (NG / 2) < n1 ? c0 + e / (NG / 2) : n1 - 1;
       if (e < SCALE_WORDS) {
         UNROLL for (uint32_t a = 0; a < 4; ++a)
-          flashmoe_copy_async4(stage + 32 * STRIDE + a * SCALE_WORDS + e, scale_rows[a] + key * (NG / 2) + e % (NG / 2));
+          flashmoe_copy_async<1>(stage + 32 * STRIDE + a * SCALE_WORDS + e, scale_rows[a] + key * (NG / 2) + e % (NG / 2));
       }
     }
   }

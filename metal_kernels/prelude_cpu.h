@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <deque>
 #include <thread>
 #include <vector>
@@ -105,16 +106,19 @@ struct FlashmoeCopy {
   uint32_t words[4];
   int count;
 };
+inline std::atomic<int> flashmoe_faults{0};  // misaligned copies in this launch; run() returns the count
 inline thread_local std::vector<FlashmoeCopy> flashmoe_open_group;             // issued since the last commit
 inline thread_local std::deque<std::vector<FlashmoeCopy>> flashmoe_committed;  // oldest first
-inline void flashmoe_copy_async(uint32_t* shared, const uint32_t* global, int count) {
-  FlashmoeCopy copy{shared, {}, count};
-  std::memcpy(copy.words, global, 4 * count);
-  std::memset(shared, 0xFF, 4 * count);
+template <int WORDS>
+inline void flashmoe_copy_async(uint32_t* shared, const uint32_t* global) {
+  static_assert(WORDS == 1 || WORDS == 2 || WORDS == 4, "cp.async copies 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(shared) % (4 * WORDS) || reinterpret_cast<uintptr_t>(global) % (4 * WORDS))
+    ++flashmoe_faults;  // a GPU faults on it; the run reports it (and the destination keeps its all-ones words)
+  FlashmoeCopy copy{shared, {}, WORDS};
+  std::memcpy(copy.words, global, 4 * WORDS);
+  std::memset(shared, 0xFF, 4 * WORDS);
   flashmoe_open_group.push_back(copy);
 }
-inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) { flashmoe_copy_async(shared, global, 4); }
-inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) { flashmoe_copy_async(shared, global, 1); }
 inline void flashmoe_copy_commit() {
   flashmoe_committed.push_back(std::move(flashmoe_open_group));
   flashmoe_open_group.clear();

@@ -64,13 +64,13 @@ __device__ inline uint32_t flashmoe_bf16x2(float lo, float hi) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
-// Asynchronous copies global -> shared (cp.async): 16 bytes (both 16-byte aligned) or 4; committed as a group,
-// and waited on until at most N groups are in flight.
-__device__ inline void flashmoe_copy_async16(uint32_t* shared, const uint32_t* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(uint32_t(__cvta_generic_to_shared(shared))), "l"(global));
-}
-__device__ inline void flashmoe_copy_async4(uint32_t* shared, const uint32_t* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(uint32_t(__cvta_generic_to_shared(shared))), "l"(global));
+// Asynchronous copies global -> shared (cp.async) of WORDS (1, 2 or 4) words, both ends that aligned; committed
+// as a group, and waited on until at most N groups are in flight. 16 bytes bypass L1 (.cg), as only they may.
+template <int WORDS>
+__device__ inline void flashmoe_copy_async(uint32_t* shared, const uint32_t* global) {
+  const uint32_t to = uint32_t(__cvta_generic_to_shared(shared));
+  if constexpr (WORDS == 4) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(to), "l"(global));
+  else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(to), "l"(global), "n"(4 * WORDS));
 }
 __device__ inline void flashmoe_copy_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>

@@ -52,10 +52,11 @@ def _source(launch: Launch) -> str:
         f'#line 1 "{launch.kernel}"',
         body_source(launch.kernel),
         "}",
-        'extern "C" void run(void** args, uint32_t groups, uint32_t tg_threads) {',
+        'extern "C" int run(void** args, uint32_t groups, uint32_t tg_threads) {',
         "  flashmoe_launch(groups, tg_threads, [&](uint32_t lane, uint32_t simd, uint32_t tg, uint32_t n) {",
         f"    body({', '.join(args)}, lane, simd, tg, n);",
         "  });",
+        "  return flashmoe_faults.exchange(0);",
         "}",
     ])
 
@@ -74,23 +75,38 @@ def _compile(source: str) -> ctypes.CDLL:
         stem.with_suffix(".tmp.so").rename(stem.with_suffix(".so"))
     lib = ctypes.CDLL(str(stem.with_suffix(".so")))
     lib.run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint32, ctypes.c_uint32]
+    lib.run.restype = ctypes.c_int
     return lib
+
+
+def _aligned(a: np.ndarray, alignment: int = 256) -> np.ndarray:
+    """`a` (its strides kept) in memory starting on an `alignment`-byte boundary, as GPU allocations start: numpy
+    and MLX's CPU allocator may start an array 8 bytes past one, where a 16-byte cp.async would fault."""
+    extent = sum((n - 1) * step for n, step in zip(a.shape, a.strides)) + a.itemsize if a.size else 0
+    raw = np.empty(extent + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    if extent:
+        raw[start:start + extent] = np.ctypeslib.as_array((ctypes.c_uint8 * extent).from_address(a.ctypes.data))
+    return np.lib.stride_tricks.as_strided(raw[start:].view(a.dtype), a.shape, a.strides)
 
 
 def run_emulated(launch: Launch) -> list[mx.array]:
     """Execute `launch` on the CPU. Outputs start poisoned (NaN, or all ones for integers) so unwritten
-    elements show. bfloat16 travels as its 16 bits. Inputs whose strides the body reads go in place (numpy
-    views of MLX's memory, strides in elements); the others as row-contiguous copies, as MLX makes them."""
+    elements show. bfloat16 travels as its 16 bits. Inputs whose strides the body reads go with their strides
+    (in elements); the others as row-contiguous copies, as MLX makes them; each starts where a GPU allocation
+    would (_aligned)."""
     lib = _compile(_source(launch))
     strided = _described(launch, "strides")
     inputs = {n: np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a) for n, a in launch.inputs.items()}
-    inputs = {n: a if n in strided else np.ascontiguousarray(a) for n, a in inputs.items()}
+    inputs = {n: _aligned(a if n in strided else np.ascontiguousarray(a)) for n, a in inputs.items()}
     outputs = [np.full(shape, POISON[dtype], C_TYPES[dtype][1]) for shape, dtype in launch.outputs.values()]
     shapes = [np.array(launch.inputs[n].shape, np.int32) for n in _described(launch, "shape")]
     strides = [np.array(inputs[n].strides, np.int64) // inputs[n].itemsize for n in strided]
     arrays = [*inputs.values(), *outputs, *shapes, *strides]
     pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-    lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
+    faults = lib.run(pointers, launch.grid // launch.threadgroup, launch.threadgroup)
+    if faults:
+        raise RuntimeError(f"{launch.kernel}: {faults} cp.async copies with an end not aligned to their size")
     return [mx.array(o).view(mx.bfloat16) if dtype == mx.bfloat16 else mx.array(o)
             for o, (_, dtype) in zip(outputs, launch.outputs.values())]
 
