@@ -5,6 +5,7 @@
     python examples/bench_kernels.py --profile-chain  # expert layers in a chain, for ncu --cache-control none
     python examples/bench_kernels.py --chain-table ncu.csv   # that profile's table (ncu --csv output; no GPU)
     python examples/bench_kernels.py --check        # the correctness checks alone
+    python examples/bench_kernels.py --host-cost    # host time per custom-kernel call: source length, our wrappers
 
 expert_swiglu. Correctness: random pools over several shapes, bits (mixed gate/up vs down), group sizes, k and
 token counts, kernel vs reference (float32 and bfloat16). Speed: MoE layers of Qwen3.5-397B shape (4096 -> 1024
@@ -154,15 +155,50 @@ def op_overhead(op=None, ops=60, iters=50) -> float:
     return (time.perf_counter() - t0) / iters / ops
 
 
-def tiny_custom_kernel():
-    """y = x + 1 as a custom kernel of this backend ([1, 16] floats): what any custom kernel costs per launch."""
+def tiny_custom_kernel(header_bytes=0):
+    """y = x + 1 as a custom kernel of this backend ([1, 16] floats): what any custom kernel costs per launch;
+    with a header of about `header_bytes` of comment lines, what a longer source adds (MLX builds each call's
+    source anew and hashes it when the call is evaluated)."""
     backend = kernels.gpu_backend()
     index = "thread_position_in_grid.x" if backend == "metal" else "blockIdx.x * blockDim.x + threadIdx.x"
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-    kernel = make(name="bench_tiny", input_names=["x"], output_names=["y"],
+    header = f"// {'x' * 76}\n" * (header_bytes // 80)  # 80-byte lines
+    kernel = make(name=f"bench_tiny_{header_bytes}", input_names=["x"], output_names=["y"], header=header,
                   source=f"uint32_t i = {index}; y[i] = x[i] + 1.0f;")
     return lambda x: kernel(inputs=[x], grid=(16, 1, 1), threadgroup=(16, 1, 1), output_shapes=[x.shape],
                             output_dtypes=[x.dtype])[0]
+
+
+HOST_COST_SOURCE_BYTES = (0, 8000, 20000, 60000)  # our kernels' sources run 8-20 KB (prelude header included)
+
+
+def host_cost(rounds=3, calls=100, hidden=4096, inter=1024, keys=32768) -> dict:
+    """Host time per call (us): a tiny custom kernel in an evaluated chain as its source grows
+    (HOST_COST_SOURCE_BYTES of header), the median of `rounds`; and building `calls` of each of our two wrappers'
+    calls without evaluating them (expert_swiglu at Qwen3.5's shape, hidden -> inter, k = 10; attention_decode
+    at `keys` keys, dim 128), per call."""
+    rows = {"custom_kernel_us_by_header_bytes": {
+        size: float(np.median([op_overhead(tiny_custom_kernel(size)) * 1e6 for _ in range(rounds)]))
+        for size in HOST_COST_SOURCE_BYTES}}
+    pool = quantized_pool(hidden, inter, 10, 4, 4, 64, mx.bfloat16)
+    ids = mx.array(np.arange(10)[None].astype(np.uint32))
+    w = mx.softmax(mx.random.normal((1, 10)), axis=-1).astype(mx.bfloat16)
+    x = mx.random.normal((1, hidden)).astype(mx.bfloat16)
+    view, _ = cache_view(keys, 4, 128, 64, 4, 256)
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    mx.eval(pool, ids, w, x, view, q)
+    from flashmoe_mlx.kernels import attention_decode
+    for name, call in (("expert_swiglu", lambda: expert_swiglu(x, pool, ids, w)),
+                       ("attention_decode", lambda: attention_decode(q, view, view, 128 ** -0.5, 64, 4))):
+        mx.eval(call())
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            outs = [call() for _ in range(calls)]
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+            mx.eval(outs)
+        rows[f"{name}_build_us"] = float(np.median(times))
+    return rows
 
 
 @contextlib.contextmanager
@@ -472,6 +508,8 @@ def main():
                     help="read ncu's --csv output of --profile-chain and print its table (no GPU needed)")
     ap.add_argument("--only", choices=("experts", "attention"), default=None)
     ap.add_argument("--check", action="store_true", help="just the correctness checks of both kernels")
+    ap.add_argument("--host-cost", action="store_true",
+                    help="host time per custom-kernel call against its source's length, and per wrapper call")
     args = ap.parse_args()
     if args.chain_table:
         with open(args.chain_table) as f:
@@ -487,6 +525,13 @@ def main():
         return profile_once()
     if args.profile_chain:
         return profile_chain()
+    if args.host_cost:
+        result = host_cost()
+        print(json.dumps(result, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.check:
         result = {"correctness": correctness(), "attention_correctness": print_attention_check()}
         print(f"expert_swiglu: {sum(r['ok'] for r in result['correctness'])}/{len(result['correctness'])} cases "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -118,3 +119,25 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
         assert r["layer_tbps"] == pytest.approx(bench_kernels.expert_bytes(4096, 1024, *bits, 64) / r["layer_us"] / 1e6)
     with pytest.raises(ValueError, match="launches in the profile"):
         bench_kernels.chain_table("\n".join(rows[:-3]), layers=layers)  # the last launch dropped
+
+
+def test_bench_kernels_host_cost_times_each_source_length_and_both_wrappers(monkeypatch):
+    """`--host-cost` on a stand-in for MLX's custom kernels (none here): a tiny kernel per source length, its
+    header that many bytes (to the line), each timed in a chain; then both wrappers' calls built and timed."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import bench_kernels
+
+    headers = []
+
+    def fake_cuda_kernel(name, input_names, output_names, source, header=""):
+        headers.append(len(header))
+        return lambda inputs, **launch: [inputs[0] + 1]
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    monkeypatch.setattr(bench_kernels.kernels, "gpu_backend", lambda: "cuda")
+    got = bench_kernels.host_cost(rounds=1, calls=2, hidden=256, inter=64, keys=512)
+    sizes = bench_kernels.HOST_COST_SOURCE_BYTES
+    assert [size - 80 < h <= size for h, size in zip(headers, sizes)] == [True] * len(sizes) == [True] * len(headers)
+    assert sorted(got["custom_kernel_us_by_header_bytes"]) == sorted(sizes)
+    assert all(us > 0 for us in got["custom_kernel_us_by_header_bytes"].values())
+    assert got["expert_swiglu_build_us"] > 0 and got["attention_decode_build_us"] > 0
