@@ -498,6 +498,13 @@ def print_attention_check() -> list[dict]:
     return rows
 
 
+def write_json(path: str | None, result):
+    """`result` as indented JSON at `path`, where one was given (--json)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -515,9 +522,7 @@ def main():
         with open(args.chain_table) as f:
             rows = chain_table(f.read())
         print_chain_table(rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
         return
     if active_runner() is None:
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
@@ -528,17 +533,13 @@ def main():
     if args.host_cost:
         result = host_cost()
         print(json.dumps(result, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(args.json, result)
         return
     if args.check:
         result = {"correctness": correctness(), "attention_correctness": print_attention_check()}
         print(f"expert_swiglu: {sum(r['ok'] for r in result['correctness'])}/{len(result['correctness'])} cases "
               f"within tolerance")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(args.json, result)
         return
     bound = device_copy_gbps(nbytes=4 << 30, repeats=5)
     result = {"device": mx.device_info().get("device_name", "?"), "copy_bandwidth_gbps": bound,
@@ -577,9 +578,7 @@ def main():
             for r in result["keys_sweep"]:
                 print(f"| {r['keys_per_simd_group']} | {r['keys_per_lane']} | {r['ms'][0]:.3f} | {r['ms'][1]:.3f} |")
     if args.only == "attention":
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(args.json, result)
         return
     rows = correctness()
     runs = [speed(4, 4), speed(3, 4)]
@@ -600,9 +599,7 @@ def main():
     for r in result["bodies_sweep"]:
         print(f"| {r['bodies']} | {'/'.join(map(str, r['bits']))} | {r['fused_ms_per_layer']:.4f} "
               f"| {r['builtin_ms_per_layer']:.4f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
