@@ -250,15 +250,15 @@ TWO_KEYS_PER_LANE_MAX = 1024  # (padded heads per kv head) x (head dim) up to wh
 # 128: 128 registers per thread on sm_90 either way at 4 bits); 32 / 2 heads of dim 256 spill even at one key.
 COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum this many splits (16 SIMD-groups at most)
 # The split pass on tensor cores (CUDA only: attention_decode_split_mma.cu) where the runner has them and the cache
-# fits. H200, 32k keys, 32/4 heads of dim 128: 15.4-15.8 us (18.5-19.5 at 32 keys per SIMD-group) against the scalar
+# fits. H200, 32k keys, 32/4 heads of dim 128: 14.9 us (18.5-19.5 at 32 keys per SIMD-group) against the scalar
 # body's 37.8-38.5 (docs/BENCHMARKS.md). Its launch: SIMD-groups per threadgroup, tiles in flight per SIMD-group
 # (cp.async stages), keys per SIMD-group at least (tiles of 16); the first two shrink where its threadgroup memory
 # would not fit CUDA_SHARED_BYTES. Split and combine passes at 32 / 64 / 128 keys per SIMD-group (ncu, one run):
 # 24.2 / 20.6 / 19.7 us at 32/4 heads of dim 128; 27.2 / 27.2 / 27.8 at 32/2 of dim 256 (docs/BENCHMARKS.md). At 128
-# each SIMD-group's ring of stages wraps.
+# each SIMD-group's ring of stages wraps. 2 stages, not 3: 14.9 against 15.4-15.6 us at dim 128 in two sessions' runs.
 MMA_ATTENTION = True
 MMA_ATTENTION_WARPS = 4
-MMA_ATTENTION_STAGES = 3
+MMA_ATTENTION_STAGES = 2
 MMA_KEYS_PER_SIMD_GROUP = 128
 CUDA_SHARED_BYTES = 48 << 10  # static shared memory of a CUDA kernel (the CUDA-only bodies)
 

@@ -370,14 +370,14 @@ def test_attention_layout_of_the_benchmark_shapes():
 
 
 def test_attention_mma_layout_of_the_benchmark_shapes():
-    """The tensor-core split pass: 4 SIMD-groups of 3 stages at dim 128 (37.5 KiB), cut to 2 stages and then
-    2 SIMD-groups at 32/2 heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 128 keys per SIMD-group: 64
-    splits at dim 128, 128 at dim 256."""
+    """The tensor-core split pass: 4 SIMD-groups of 2 stages at dim 128 (26.5 KiB), cut to 2 SIMD-groups at 32/2
+    heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 128 keys per SIMD-group: 64 splits at dim 128, 128 at
+    dim 256."""
     from flashmoe_mlx.kernels import CUDA_SHARED_BYTES, attention_mma_layout, split_mma_shared_bytes
 
-    assert attention_mma_layout(4, 32768, 8, 128, 64) == (64, 4, 3)
+    assert attention_mma_layout(4, 32768, 8, 128, 64) == (64, 4, 2)
     assert attention_mma_layout(2, 32768, 16, 256, 64) == (128, 2, 2)
-    assert split_mma_shared_bytes(8, 128, 64, 4, 3) == 38400 <= CUDA_SHARED_BYTES
+    assert split_mma_shared_bytes(8, 128, 64, 4, 2) == 27136 <= CUDA_SHARED_BYTES
     assert split_mma_shared_bytes(16, 256, 64, 4, 2) > CUDA_SHARED_BYTES >= split_mma_shared_bytes(16, 256, 64, 2, 2)
 
 
