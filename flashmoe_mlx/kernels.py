@@ -70,17 +70,51 @@ class Launch:
 
 
 def without_comments(source: str) -> str:
-    """Source minus comments and blank lines. MLX rebuilds and hashes a kernel's whole source on every call
-    (measured ~20 us per launch on CUDA), so the text it handles is kept short."""
-    lines = (re.sub(r"\s*//.*$", "", line) for line in source.splitlines())
-    return "\n".join(line for line in lines if line.strip()) + "\n"
+    """Source minus comments, indentation and blank lines (line by line: an error's line number still finds the
+    line). MLX builds and hashes a kernel's whole source on every call, about 0.4 us per KB on the H200's host
+    (docs/BENCHMARKS.md), so the text it handles is kept short."""
+    lines = (re.sub(r"\s*//.*$", "", line).strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+
+
+def header_for(header: str, source: str) -> str:
+    """The definitions in `header` (without comments) that `source` uses, directly or through one another, in
+    the header's order; lines that define no name (includes, using-declarations) always. A definition is a line
+    outside braces and parentheses, with the lines up to where those close again, and a `template <...>` line
+    belongs to the definition after it. Its name: a #define's, a struct's, or the first one called."""
+    chunks, depth = [], 0
+    for line in header.splitlines():
+        if depth == 0 and not (chunks and chunks[-1][-1].startswith("template")):
+            chunks.append([])
+        chunks[-1].append(line)
+        code = re.sub(r'"(\\.|[^"\\])*"', "", line)  # string literals (asm) may hold unbalanced braces
+        depth += sum(code.count(o) - code.count(c) for o, c in ("{}", "()"))
+    wanted, kept = set(IDENTIFIER.findall(source)), [False] * len(chunks)
+    names = []
+    for chunk in chunks:
+        first = next(line for line in chunk if not line.startswith("template"))
+        named = (re.match(r"#define (\w+)", first) or re.search(r"struct (\w+)", first)
+                 or re.search(r"(\w+)\s*\(", first))
+        names.append(named.group(1) if named else None)
+    grew = True
+    while grew:
+        grew = False
+        for i, chunk in enumerate(chunks):
+            if not kept[i] and (names[i] is None or names[i] in wanted):
+                kept[i] = grew = True
+                wanted |= set(IDENTIFIER.findall("\n".join(chunk)))
+    return "".join("\n".join(chunk) + "\n" for chunk, keep in zip(chunks, kept) if keep)
 
 
 def mlx_sources(backend: str, kernel: str) -> tuple[str, str]:
-    """(header, source) that MLX's kernel builder gets for `kernel` on `backend`: the prelude's header, and its
-    prologue followed by the body, both without comments."""
+    """(header, source) that MLX's kernel builder gets for `kernel` on `backend`: of the prelude's header what the
+    source uses, and the prelude's prologue followed by the body, both without comments."""
     header, prologue = prelude(backend)
-    return without_comments(header), without_comments(prologue + body_source(kernel))
+    source = without_comments(prologue + body_source(kernel))
+    return header_for(without_comments(header), source), source
 
 
 @lru_cache(maxsize=None)

@@ -41,17 +41,17 @@ def _kernel(launch: Launch, name: str) -> str:
 
 
 def compile_launches(launches: list[Launch]) -> dict[str, int]:
-    """nvcc every launch into one module for ARCH; returns each launch's registers per thread, keyed by
-    `k<index>`. Raises with nvcc's message when a body does not compile."""
-    header, _ = mlx_sources("cuda", launches[0].kernel)
+    """nvcc every launch into one module for ARCH, each with its own header (what mlx_sources gives its body)
+    in a namespace of its own; returns each launch's registers per thread, keyed by `k<index>`. Raises with
+    nvcc's message when a body does not compile."""
     source = "\n".join([
         "#include <cstdint>",
         "#include <cuda_bf16.h>",
         "#include <cuda_fp16.h>",
         "struct Shape { int32_t values[8]; __device__ int32_t operator[](int i) const { return values[i]; } };",
         "struct Strides { int64_t values[8]; __device__ int64_t operator[](int i) const { return values[i]; } };",
-        header,
-        *(_kernel(launch, f"k{i}") for i, launch in enumerate(launches)),
+        *(f"namespace n{i} {{\n{mlx_sources('cuda', launch.kernel)[0]}extern \"C\" {_kernel(launch, f'k{i}')}\n}}"
+          for i, launch in enumerate(launches)),
     ])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernels.cu"
@@ -60,10 +60,10 @@ def compile_launches(launches: list[Launch]) -> dict[str, int]:
                                 str(path.with_suffix(".o")), str(path)], capture_output=True, text=True)
     if build.returncode:
         raise RuntimeError(f"nvcc rejected the CUDA twins:\n{build.stderr[-4000:]}")
-    # ptxas: "Compiling entry function '_Z2k0...' for 'sm_90'" ... "Used 48 registers, ..."
+    # ptxas: "Compiling entry function 'k0' for 'sm_90'" ... "Used 48 registers, ..."
     registers, current = {}, None
     for line in build.stderr.splitlines():
-        entry = re.search(r"entry function '_Z\d+(k\d+)", line)
+        entry = re.search(r"entry function '(k\d+)'", line)
         if entry:
             current = entry.group(1)
         used = re.search(r"Used (\d+) registers", line)

@@ -426,6 +426,31 @@ def test_quantized_kv_decode_runs_the_kernel_end_to_end(mlx_checkpoint):
     assert calls.count("attention_decode_split") == calls.count("attention_decode_combine") == 3 * layers
 
 
+def test_header_for_keeps_what_the_source_uses_and_what_that_uses():
+    """A kernel gets of the prelude's header only the definitions its source reaches: through macros and
+    functions, a template line with its function, a declaration over several lines, braces inside an asm string;
+    lines that define nothing stay; the header's order stays."""
+    header = kernels.without_comments("""#include <stdint.h>
+#define UNUSED(v) v
+#define TWICE(v) helper(v)
+template <int N>
+__device__ inline float helper(float v,
+                               int unused) {
+  asm("{ .reg .b32 r;");  // an unbalanced brace in a string
+  return inner(v) * N;
+}
+__device__ inline float inner(float v) { return v; }
+__device__ inline float orphan(float v) { return v; }
+template <int M>
+__device__ inline float orphan_template(float v) { return v * M; }
+struct Pair { float a, b; };
+""")
+    kept = kernels.header_for(header, "float y = TWICE(x);")
+    assert kept.splitlines() == [line for line in header.splitlines()
+                                 if not any(name in line for name in ("UNUSED", "orphan", "<int M>", "Pair"))]
+    assert "Pair" in kernels.header_for(header, "Pair p;")
+
+
 def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     """Every body the CUDA runner would launch, at the shipped tunings and the ones the benchmark sweeps,
     compiles with nvcc for the H200 the way MLX wraps it, and its registers fit its threadgroup."""
