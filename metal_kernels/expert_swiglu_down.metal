@@ -8,7 +8,8 @@
 // Inputs: h [NT, K, I] float, pack-transposed by pass 1 (value i of pack p at i * I/32 + p: the lanes' loads
 // are coalesced); down_w [S, H, I*BITS_DOWN/32] uint32; down_s/down_b [S, H, I/GS_DOWN] (T);
 // slots [NT, K] uint32; weights [NT, K] (T). Output: y [NT, H] or [NT, K, H] (T).
-// Template constants: T, NT, K, H, I, BITS_DOWN, GS_DOWN, COMBINE, ROWS. Threadgroup: 32 * K threads.
+// Template constants: T, NT, K, H, I, BITS_DOWN, GS_DOWN, COMBINE, ROWS (a power of two, <= 32). Threadgroup:
+// 32 * K threads.
 constexpr uint32_t PACKS = I / 32;
 constexpr uint32_t ROW_WORDS = I * BITS_DOWN / 32;
 constexpr uint32_t ROW_GROUPS = I / GS_DOWN;
@@ -37,12 +38,10 @@ for (uint32_t p = LANE; p < PACKS; p += 32) {
   UNROLL for (uint32_t r = 0; r < ROWS; ++r) acc[r] += ds[r] * flashmoe_pack_dot<BITS_DOWN>(dw + r * BITS_DOWN, hs) + db[r] * hsum;
 }
 const float weight = COMBINE ? float(weights[t * K + j]) : 1.0f;
-UNROLL for (uint32_t r = 0; r < ROWS; ++r) {
-  const float sum = SIMD_SUM(acc[r]);
-  if (LANE == 0 && r0 + r < H) {
-    if (COMBINE) parts[j * ROWS + r] = weight * sum;
-    else y[(t * K + j) * H + r0 + r] = T(sum);
-  }
+const float sum = flashmoe_rows_sum<ROWS>(acc, LANE);  // row r0 + LANE's, in lanes < ROWS
+if (LANE < ROWS && r0 + LANE < H) {
+  if (COMBINE) parts[j * ROWS + LANE] = weight * sum;
+  else y[(t * K + j) * H + r0 + LANE] = T(sum);
 }
 if (COMBINE) {
   BARRIER();

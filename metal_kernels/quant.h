@@ -79,3 +79,22 @@ DEVICE_FN constexpr int flashmoe_pack_align(int bits, int row_words) {
 }
 
 DEVICE_FN float flashmoe_silu(float v) { return v / (1.0f + EXP(-v)); }
+
+// The sums over a SIMD-group's 32 lanes of each lane's ROWS values (a power of two, <= 32), lane L ending with
+// row L % ROWS's: each halving step trades half of the rows with the lane across one bit, then the remaining
+// bits are summed over. ROWS - 1 + 5 - log2(ROWS) shuffles and as many adds, where a SIMD_SUM per row takes
+// 5 ROWS of each (8 rows: 9 against 40). v is overwritten.
+template <int ROWS>
+DEVICE_FN float flashmoe_rows_sum(THREAD float* v, uint32_t lane) {
+  static_assert(ROWS >= 1 && ROWS <= 32 && (ROWS & (ROWS - 1)) == 0, "ROWS: a power of two, at most 32");
+  UNROLL for (int w = ROWS / 2; w >= 1; w /= 2) {
+    const bool upper = (lane & uint32_t(w)) != 0;  // keeps rows w..2w-1 of its block, sends 0..w-1
+    UNROLL for (int i = 0; i < w; ++i) {
+      const float send = upper ? v[i] : v[i + w];
+      v[i] = (upper ? v[i + w] : v[i]) + SIMD_SHUFFLE(send, lane ^ uint32_t(w));
+    }
+  }
+  float sum = v[0];
+  UNROLL for (int m = ROWS; m < 32; m *= 2) sum += SIMD_SHUFFLE(sum, lane ^ uint32_t(m));
+  return sum;
+}
