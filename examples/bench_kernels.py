@@ -260,10 +260,12 @@ def mma_attention_sweep(choices=((4, 3, 64), (4, 2, 64), (2, 3, 64), (8, 2, 64),
 
 def profile_once():
     """One layer and one attention step, each path twice (the fused path with each choice of bodies, attention with
-    the scalar split pass and then, on CUDA, the tensor-core one at MMA_KEYS_PER_SIMD_GROUP = 32, 64 and 128): a
-    short run for a kernel profiler (ncu) to time the kernels alone."""
+    the scalar split pass and then, on CUDA, the tensor-core one at MMA_KEYS_PER_SIMD_GROUP = 32, 64 and 128 and
+    with each kv head's query heads in one threadgroup): a short run for a kernel profiler (ncu) to time the
+    kernels alone."""
     tensor_cores = kernels.has_tensor_cores(active_runner())
-    for tuning in ({"MMA_ATTENTION": False}, *({"MMA_KEYS_PER_SIMD_GROUP": k} for k in (32, 64, 128) if tensor_cores)):
+    for tuning in ({"MMA_ATTENTION": False}, *({"MMA_KEYS_PER_SIMD_GROUP": k} for k in (32, 64, 128) if tensor_cores),
+                   *({"MMA_HEAD_VALUES": 4096},) * tensor_cores):
         with tuned(**tuning):
             attention(iters=2, layers=1)
             attention(q_heads=32, kv_heads=2, dim=256, iters=2, layers=1)
@@ -378,6 +380,7 @@ def mlx_lm_cache(n, hkv, d, gs, bits):
 
 
 ATTENTION_TUNINGS = {"shipped": {}, "tensor cores, 32 keys per SIMD-group": {"MMA_KEYS_PER_SIMD_GROUP": 32},
+                     "tensor cores, query heads over 2-4 threadgroups": {"MMA_HEAD_VALUES": 512},
                      "scalar split body": {"MMA_ATTENTION": False}}
 
 
@@ -385,7 +388,7 @@ def attention_correctness() -> list[dict]:
     """attention_decode against the float32 reference on the CPU, bfloat16 in, over views of caches with spare
     capacity and over caches made by mlx-lm's QuantizedKVCache, with each of ATTENTION_TUNINGS (on CUDA: the
     shipped launch, whose SIMD-groups each walk a ring of stages more than once; 32 keys per SIMD-group, whose
-    rings do not wrap; and the scalar body).
+    rings do not wrap; a kv head's query heads over 2-4 threadgroups; and the scalar body).
     Tolerance as the tests': 2^-8 of the largest output plus 2^-9 of the largest V."""
     from flashmoe_mlx.kernels import attention_decode, attention_decode_reference
 

@@ -290,9 +290,15 @@ COMBINE_SPLITS_PER_SIMD_GROUP = 8  # the combine pass's SIMD-groups each sum thi
 # would not fit CUDA_SHARED_BYTES. Split and combine passes at 32 / 64 / 128 keys per SIMD-group (ncu, one run):
 # 24.2 / 20.6 / 19.7 us at 32/4 heads of dim 128; 27.2 / 27.2 / 27.8 at 32/2 of dim 256 (docs/BENCHMARKS.md). At 128
 # each SIMD-group's ring of stages wraps. 2 stages, not 3: 14.9 against 15.4-15.6 us at dim 128 in two sessions' runs.
+# A threadgroup holds O for at most MMA_HEAD_VALUES (query heads x dims); past that a kv head's query heads go to 2,
+# 4, ... threadgroups. At 16 heads of dim 256 one threadgroup takes 255 registers and spills; two of 8 heads each
+# took 22.1-22.3 against 22.8-22.9 us at 32/2 heads, 16.2-16.4 against 20.4-20.5 at 16/1 (H200, two runs). Elsewhere
+# two groups lost: 8 heads of dim 256 21.2 against 15.9, 16 of dim 128 14.7 against 13.4, 8 of dim 128 23.2 against
+# 14.9 (each group scores and unpacks the keys again).
 MMA_ATTENTION = True
 MMA_ATTENTION_WARPS = 4
 MMA_ATTENTION_STAGES = 2
+MMA_HEAD_VALUES = 2048
 MMA_KEYS_PER_SIMD_GROUP = 128
 CUDA_SHARED_BYTES = 48 << 10  # static shared memory of a CUDA kernel (the CUDA-only bodies)
 
@@ -347,13 +353,17 @@ def takes_attention_mma(dtypes: tuple, bits: int, heads_per_kv: int, dim: int, g
 
 
 def attention_mma_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: int,
-                         group_size: int) -> tuple[int, int, int]:
-    """(splits, SIMD-groups per threadgroup, stages) of the tensor-core split pass: MMA_ATTENTION_WARPS and
-    MMA_ATTENTION_STAGES, stages then SIMD-groups cut down (not below 2 and 1) until the threadgroup memory fits
-    CUDA_SHARED_BYTES; then splits doubled while each SIMD-group keeps MMA_KEYS_PER_SIMD_GROUP keys and the grid
-    stays <= 1024 threadgroups."""
+                         group_size: int) -> tuple[int, int, int, int]:
+    """(splits, SIMD-groups per threadgroup, stages, head groups) of the tensor-core split pass: a kv head's query
+    heads halved over twice the threadgroups while they divide and hold more than MMA_HEAD_VALUES of O;
+    MMA_ATTENTION_WARPS and MMA_ATTENTION_STAGES, stages then SIMD-groups cut down (not below 2 and 1) until the
+    threadgroup memory fits CUDA_SHARED_BYTES; then splits doubled while each SIMD-group keeps
+    MMA_KEYS_PER_SIMD_GROUP keys and the grid stays <= 1024 threadgroups per head group."""
+    head_groups = 1
+    while heads_per_kv // head_groups * dim > MMA_HEAD_VALUES and heads_per_kv % (2 * head_groups) == 0:
+        head_groups *= 2
     warps, stages = MMA_ATTENTION_WARPS, MMA_ATTENTION_STAGES
-    while split_mma_shared_bytes(heads_per_kv, dim, group_size, warps, stages) > CUDA_SHARED_BYTES:
+    while split_mma_shared_bytes(heads_per_kv // head_groups, dim, group_size, warps, stages) > CUDA_SHARED_BYTES:
         if stages > 2:
             stages -= 1
         elif warps > 1:
@@ -363,7 +373,7 @@ def attention_mma_layout(batch_heads: int, keys: int, heads_per_kv: int, dim: in
     splits = 1
     while splits < 256 and keys >= 2 * splits * warps * MMA_KEYS_PER_SIMD_GROUP and 2 * splits * batch_heads <= 1024:
         splits *= 2
-    return splits, warps, stages
+    return splits, warps, stages, head_groups
 
 
 def combine_warps(splits: int) -> int:
@@ -401,16 +411,16 @@ def attention_decode_launches(q: mx.array, keys: tuple, values: tuple, scale: fl
               "v_s": values[1], "v_b": values[2]}
     dtypes = (q.dtype, *(a.dtype for a in (*keys[1:], *values[1:])))
     if MMA_ATTENTION and has_tensor_cores(runner) and takes_attention_mma(dtypes, bits, hq // hkv, d, group_size):
-        splits, warps, stages = attention_mma_layout(b * hkv, n, hq // hkv, d, group_size)
-        kernel, extra = "attention_decode_split_mma", {"STAGES": stages}
+        splits, warps, stages, head_groups = attention_mma_layout(b * hkv, n, hq // hkv, d, group_size)
+        kernel, extra = "attention_decode_split_mma", {"STAGES": stages, "HEAD_GROUPS": head_groups}
     else:
         splits, warps, keys_per_lane = attention_layout(b * hkv, n, hq // hkv, d)
-        kernel, extra = "attention_decode_split", {"BITS": bits, "KEYS_PER_LANE": keys_per_lane}
+        kernel, extra, head_groups = "attention_decode_split", {"BITS": bits, "KEYS_PER_LANE": keys_per_lane}, 1
     constants = {"T": q.dtype, "HQ": hq, "D": d, "SPLITS": splits}
     (o, ml) = runner(Launch(
         kernel, inputs, {"o": ((b, hq, splits, d), mx.float32), "ml": ((b, hq, splits, 2), mx.float32)},
         {**constants, "HKV": hkv, "GS": group_size, "WARPS": warps, "SCALE_BITS": float32_bits(scale), **extra},
-        b * hkv * splits * warps,
+        b * hkv * head_groups * splits * warps,
         threadgroup=32 * warps,
     ))
     combine = combine_warps(splits)

@@ -20,10 +20,14 @@
 // At the end the SIMD-groups merge (max, sum, O) in threadgroup memory into one partial per (head, split).
 // Inputs (read through their strides), outputs and the combine pass as attention_decode_split.metal (ml's max
 // in base e). Template constants: T (bfloat16), HQ, HKV, D, GS, SPLITS, WARPS (threadgroup: 32 * WARPS),
-// SCALE_BITS (as there), STAGES (tiles in flight per SIMD-group, >= 2). Requires G = HQ / HKV <= 16, GS >= 64,
-// D % GS == 0 and an even number of groups per row (the wrapper checks). Threadgroup memory:
+// SCALE_BITS (as there), STAGES (tiles in flight per SIMD-group, >= 2), HEAD_GROUPS. Requires HQ / HKV <= 16,
+// GS >= 64, D % GS == 0 and an even number of groups per row (the wrapper checks). Threadgroup memory:
 // kernels.split_mma_shared_bytes counts it.
-constexpr uint32_t G = HQ / HKV;
+// HEAD_GROUPS threadgroups share a (batch, kv head, split), each taking G of its query heads: fewer heads per
+// SIMD-group, fewer registers for O (at 16 heads of dim 256 the whole kv head takes 255 and spills), at the
+// price of scoring and unpacking the keys once per group; adjacent threadgroups, so the later reads of the
+// cache find it in L2.
+constexpr uint32_t G = HQ / HKV / HEAD_GROUPS;
 constexpr uint32_t HB = (G + 7) / 8;  // blocks of 8 heads: the values' MMA columns
 constexpr uint32_t ROW_WORDS = D / 8;
 constexpr uint32_t NG = D / GS;       // groups per row
@@ -47,12 +51,13 @@ constexpr uint32_t POOL = WARPS * STAGES * STAGE > PARTIALS ? WARPS * STAGES * S
 SHARED(uint4, pool, POOL / 4);
 float* merged = reinterpret_cast<float*>(pool);
 const uint32_t N = k_w_shape[2];
-const uint32_t split = TG % SPLITS;
-const uint32_t kvh = (TG / SPLITS) % HKV;
-const uint32_t b = TG / (SPLITS * HKV);
+const uint32_t split = TG / HEAD_GROUPS % SPLITS;
+const uint32_t kvh = TG / (HEAD_GROUPS * SPLITS) % HKV;
+const uint32_t b = TG / (HEAD_GROUPS * SPLITS * HKV);
+const uint32_t head0 = kvh * (HQ / HKV) + TG % HEAD_GROUPS * G;  // this threadgroup's first query head
 const uint32_t tid = SIMD_IN_TG * 32 + LANE;
 const uint32_t g = LANE / 4, c = LANE % 4;
-const DEVICE T* q_kv = q + b * q_strides[0] + kvh * G * q_strides[1];  // this kv head's first query head
+const DEVICE T* q_kv = q + b * q_strides[0] + head0 * q_strides[1];
 const float qk_scale = AS_FLOAT(uint32_t(SCALE_BITS)) * 1.44269504f;  // scores in base 2: one ex2 per exponential
 // Keys of this SIMD-group: its share of the split, whole tiles of 16.
 const uint32_t per_split = (N + SPLITS - 1) / SPLITS;
@@ -308,7 +313,7 @@ UNROLL for (uint32_t hb = 0; hb < HB; ++hb) {
   }
 }
 BARRIER();
-const uint32_t out = (b * HQ + kvh * G) * SPLITS + split;  // (batch, first query head, split)
+const uint32_t out = (b * HQ + head0) * SPLITS + split;  // (batch, first query head, split)
 for (uint32_t e = tid; e < G * D; e += 32 * WARPS) {
   float sum = 0.0f;
   UNROLL for (uint32_t w = 0; w < WARPS; ++w) sum += merged[(w * G + e / D) * (D + 1) + e % D];

@@ -212,7 +212,8 @@ def checking_shared_memory(launch):
     if launch.kernel == "attention_decode_split":
         counted = kernels.split_shared_bytes(c["HQ"] // c["HKV"], c["D"], c["WARPS"], c["KEYS_PER_LANE"])
     elif launch.kernel == "attention_decode_split_mma":  # CUDA-only: CUDA's static limit
-        counted = kernels.split_mma_shared_bytes(c["HQ"] // c["HKV"], c["D"], c["GS"], c["WARPS"], c["STAGES"])
+        counted = kernels.split_mma_shared_bytes(c["HQ"] // c["HKV"] // c["HEAD_GROUPS"], c["D"], c["GS"], c["WARPS"],
+                                                 c["STAGES"])
         limit = kernels.CUDA_SHARED_BYTES
     else:
         counted = kernels.combine_shared_bytes(c["SPLITS"], c["WARPS"])
@@ -309,15 +310,28 @@ def test_attention_decode_tensor_core_body_matches_reference(batch, q_heads, kv_
     check_tensor_core_attention(batch, q_heads, kv_heads, keys, dim, group_size, seed=keys, spare=spare)
 
 
-@pytest.mark.parametrize("warps, stages, keys_per_simd_group", [(1, 2, 64), (2, 4, 32), (4, 3, 16)])
-def test_attention_decode_tensor_core_body_at_other_launch_tunings(warps, stages, keys_per_simd_group, monkeypatch):
+@pytest.mark.parametrize("warps, stages, keys_per_simd_group, head_values", [(1, 2, 64, 2048), (2, 4, 32, 2048),
+                                                                            (4, 3, 16, 2048), (2, 2, 64, 512)])
+def test_attention_decode_tensor_core_body_at_other_launch_tunings(warps, stages, keys_per_simd_group, head_values,
+                                                                   monkeypatch):
     """Launches the shipped one does not make: one SIMD-group walking 11 tiles through a ring of 2 stages; more
-    stages than tiles (3 per SIMD-group); 4 SIMD-groups merged in threadgroup memory, the last with no keys."""
+    stages than tiles (3 per SIMD-group); 4 SIMD-groups merged in threadgroup memory, the last with no keys; a kv
+    head's 8 query heads taken by two threadgroups of 4."""
     monkeypatch.setattr(kernels, "MMA_ATTENTION_WARPS", warps)
     monkeypatch.setattr(kernels, "MMA_ATTENTION_STAGES", stages)
     monkeypatch.setattr(kernels, "MMA_KEYS_PER_SIMD_GROUP", keys_per_simd_group)
-    assert kernels.attention_mma_layout(2, 333, 8, 128, 64)[1:] == (warps, stages)  # as asked: it fits
+    monkeypatch.setattr(kernels, "MMA_HEAD_VALUES", head_values)
+    assert kernels.attention_mma_layout(2, 333, 8, 128, 64)[1:] == (warps, stages, 2 if head_values < 1024 else 1)
     check_tensor_core_attention(1, 16, 2, 333, 128, 64, seed=warps)
+
+
+@pytest.mark.parametrize("head_values, head_groups", [(2048, 2), (1024, 4)])
+def test_attention_decode_tensor_core_body_with_head_groups(head_values, head_groups, monkeypatch):
+    """Qwen3.5's full-attention shape in small (16 query heads per kv head, dim 256), batch 2: a kv head's query
+    heads split over 2 (as shipped) or 4 threadgroups, each writing its own heads' partials."""
+    monkeypatch.setattr(kernels, "MMA_HEAD_VALUES", head_values)
+    assert kernels.attention_mma_layout(4, 150, 16, 256, 64)[3] == head_groups
+    check_tensor_core_attention(2, 32, 2, 150, 256, 64, seed=head_groups, spare=106)
 
 
 def test_attention_tensor_cores_only_where_the_body_takes_the_cache():
@@ -372,11 +386,12 @@ def test_attention_layout_of_the_benchmark_shapes():
 def test_attention_mma_layout_of_the_benchmark_shapes():
     """The tensor-core split pass: 4 SIMD-groups of 2 stages at dim 128 (26.5 KiB), cut to 2 SIMD-groups at 32/2
     heads of dim 256 (its 4 x 2 stages would take 48.8 KiB); 128 keys per SIMD-group: 64 splits at dim 128, 128 at
-    dim 256."""
+    dim 256; a kv head's 16 query heads of dim 256 over 2 threadgroups, 8 of dim 128 or 16 of dim 64 in one."""
     from flashmoe_mlx.kernels import CUDA_SHARED_BYTES, attention_mma_layout, split_mma_shared_bytes
 
-    assert attention_mma_layout(4, 32768, 8, 128, 64) == (64, 4, 2)
-    assert attention_mma_layout(2, 32768, 16, 256, 64) == (128, 2, 2)
+    assert attention_mma_layout(4, 32768, 8, 128, 64) == (64, 4, 2, 1)
+    assert attention_mma_layout(2, 32768, 16, 256, 64) == (128, 2, 2, 2)
+    assert attention_mma_layout(1, 32768, 16, 64, 64)[3] == 1 and attention_mma_layout(1, 32768, 15, 256, 64)[3] == 1
     assert split_mma_shared_bytes(8, 128, 64, 4, 2) == 27136 <= CUDA_SHARED_BYTES
     assert split_mma_shared_bytes(16, 256, 64, 4, 2) > CUDA_SHARED_BYTES >= split_mma_shared_bytes(16, 256, 64, 2, 2)
 
@@ -479,7 +494,8 @@ def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     for hq, hkv, dim, bits in ((32, 4, 128, 4), (32, 2, 256, 4), (8, 8, 64, 8)):
         q = mx.zeros((1, hq, 1, dim), mx.bfloat16)
         cache = mx.quantize(mx.zeros((1, hkv, 4096, dim), mx.bfloat16), 64, bits)
-        for tunings in ({}, {"MMA_ATTENTION_WARPS": 2, "MMA_ATTENTION_STAGES": 4}, {"MMA_ATTENTION": False}):
+        for tunings in ({}, {"MMA_ATTENTION_WARPS": 2, "MMA_ATTENTION_STAGES": 4}, {"MMA_HEAD_VALUES": 512},
+                        {"MMA_ATTENTION": False}):
             with monkeypatch.context() as patched:
                 for name, value in tunings.items():
                     patched.setattr(kernels, name, value)
