@@ -137,12 +137,12 @@ class GuardedArrays:
     would fault) and ends within 16 bytes of the mapping's last page, which is inaccessible (the guard)."""
 
     def __init__(self):
-        self.maps = []  # (name, base, size, start, end)
+        self.maps = []  # (name, base, size, end of the array)
 
-    def array(self, name: str, shape, strides, dtype) -> np.ndarray:
-        """Room for an array of `shape` and `strides` (bytes); its bytes all ones, so whatever lies between a view's
-        elements (a cache's spare keys) reads as NaN scales or all-ones words."""
-        extent = sum((n - 1) * step for n, step in zip(shape, strides)) + np.dtype(dtype).itemsize
+    def copy(self, name: str, a: np.ndarray) -> np.ndarray:
+        """`a`'s elements, its strides kept, in a mapping of their own; the mapping's other bytes all ones, so
+        whatever lies between a view's elements (a cache's spare keys) reads as NaN scales or all-ones words."""
+        extent = sum((n - 1) * step for n, step in zip(a.shape, a.strides)) + a.itemsize
         body = -(-max(extent, 1) // 16) * 16
         size = -(-body // mmap.PAGESIZE) * mmap.PAGESIZE + mmap.PAGESIZE
         base = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -153,28 +153,24 @@ class GuardedArrays:
         if _libc.mprotect(guard, mmap.PAGESIZE, 0) != 0:  # PROT_NONE
             raise OSError(ctypes.get_errno(), f"mprotect of {name}'s guard page")
         start = guard - body
-        self.maps.append((name, base, size, start, start + extent))
+        self.maps.append((name, base, size, start + extent))
         raw = np.ctypeslib.as_array((ctypes.c_uint8 * body).from_address(start))
         raw[:] = 0xFF
-        return np.lib.stride_tricks.as_strided(raw.view(dtype), shape, strides)
-
-    def copy(self, name: str, a: np.ndarray) -> np.ndarray:
-        """`a`'s elements, its strides kept."""
-        placed = self.array(name, a.shape, a.strides, a.dtype)
+        placed = np.lib.stride_tricks.as_strided(raw.view(a.dtype), a.shape, a.strides)
         placed[...] = a
         return placed
 
     def guards(self):
         """The guard pages' addresses, for run()."""
-        return (ctypes.c_size_t * len(self.maps))(*[base + size - mmap.PAGESIZE for _, base, size, _, _ in self.maps])
+        return (ctypes.c_size_t * len(self.maps))(*[base + size - mmap.PAGESIZE for _, base, size, _ in self.maps])
 
     def owner(self, address: int) -> str:
         """Which array a guard-page address is past, and by how much."""
-        name, end = next((name, end) for name, base, size, _, end in self.maps if base <= address < base + size)
+        name, end = next((name, end) for name, base, size, end in self.maps if base <= address < base + size)
         return f"`{name}` at byte {address - end} past its end"
 
     def close(self):
-        for _, base, size, _, _ in self.maps:
+        for _, base, size, _ in self.maps:
             _libc.munmap(base, size)
         self.maps = []
 
