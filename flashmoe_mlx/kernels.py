@@ -109,21 +109,42 @@ def header_for(header: str, source: str) -> str:
     return "".join("\n".join(chunk) + "\n" for chunk, keep in zip(chunks, kept) if keep)
 
 
-def mlx_sources(backend: str, kernel: str) -> tuple[str, str]:
-    """(header, source) that MLX's kernel builder gets for `kernel` on `backend`: of the prelude's header what the
-    source uses, and the prelude's prologue followed by the body, both without comments."""
+# MLX dtypes as each backend's kernel sources name them (the type constants, such as T).
+TYPE_NAMES = {
+    "metal": {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.uint32: "uint32_t"},
+    "cuda": {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint32: "uint32_t"},
+}
+
+
+def constant_definitions(constants: dict, type_names: dict) -> str:
+    """A launch's constants as source lines, as MLX writes template arguments: `constexpr int N = 4;`, `using T =
+    float;` (type names from `type_names`)."""
+    return "".join(f"using {name} = {type_names[value]};\n" if isinstance(value, mx.Dtype)
+                   else f"constexpr int {name} = {int(value)};\n" for name, value in constants.items())
+
+
+def mlx_sources(backend: str, kernel: str, constants: dict) -> tuple[str, str]:
+    """(header, source) that MLX's kernel builder gets for `kernel` on `backend` at `constants`: of the prelude's
+    header what the source uses, and the constants' definitions, the prelude's prologue and the body, all without
+    comments. The constants open the source rather than ride each call as template arguments: MLX's call spends
+    about 0.4 us of host time per template argument (H200 host: a tiny kernel's call 4.6 us, with 10 of them 8.7;
+    docs/BENCHMARKS.md), and ours carry 5-10."""
     header, prologue = prelude(backend)
-    source = without_comments(prologue + body_source(kernel))
+    source = constant_definitions(constants, TYPE_NAMES[backend]) + without_comments(prologue + body_source(kernel))
     return header_for(without_comments(header), source), source
 
 
 @lru_cache(maxsize=None)
-def _mlx_kernel(backend: str, kernel: str, input_names: tuple, output_names: tuple):
-    header, source = mlx_sources(backend, kernel)
+def _mlx_kernel(backend: str, kernel: str, input_names: tuple, output_names: tuple, constants: tuple):
+    """MLX's kernel object for `kernel` at these constants (pairs); named after them, as MLX names a template
+    instance."""
+    header, source = mlx_sources(backend, kernel, dict(constants))
+    names = TYPE_NAMES[backend]
+    tag = "_".join(names[v] if isinstance(v, mx.Dtype) else str(v).replace("-", "m") for _, v in constants)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     # A body that reads its inputs' strides takes them as they are, views included; the rest get row-contiguous
     # copies where needed.
-    return make(name=f"flashmoe_{kernel}", input_names=list(input_names), output_names=list(output_names),
+    return make(name=f"flashmoe_{kernel}_{tag}", input_names=list(input_names), output_names=list(output_names),
                 source=source, header=header, ensure_row_contiguous="_strides" not in source)
 
 
@@ -136,10 +157,10 @@ def gpu_backend() -> str | None:
 
 
 def run_on_gpu(launch: Launch) -> list[mx.array]:
-    kernel = _mlx_kernel(gpu_backend(), launch.kernel, tuple(launch.inputs), tuple(launch.outputs))
+    kernel = _mlx_kernel(gpu_backend(), launch.kernel, tuple(launch.inputs), tuple(launch.outputs),
+                         tuple(launch.constants.items()))
     return kernel(
         inputs=list(launch.inputs.values()),
-        template=list(launch.constants.items()),
         grid=(launch.grid, 1, 1),
         threadgroup=(launch.threadgroup, 1, 1),
         output_shapes=[s for s, _ in launch.outputs.values()],

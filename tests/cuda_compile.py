@@ -1,7 +1,8 @@
-"""Compiles the CUDA twins here, without a GPU: each Launch's body is wrapped the way MLX's `mx.fast.cuda_kernel`
-wraps it (typed pointer arguments, template constants as constexpr, the prelude's header and prologue) and
-built by nvcc for the H200 (sm_90). ptxas reports each kernel's registers, which must fit the launch: a
-threadgroup's threads times registers per thread within the 64K registers of an SM, or the launch fails."""
+"""Compiles the CUDA twins here, without a GPU: each Launch's body is wrapped the way `run_on_gpu` and MLX's
+`mx.fast.cuda_kernel` wrap it (typed pointer arguments, the constants as the source's first lines, the prelude's
+header and prologue) and built by nvcc for the H200 (sm_90). ptxas reports each kernel's registers, which must fit
+the launch: a threadgroup's threads times registers per thread within the 64K registers of an SM, or the launch
+fails."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
+from flashmoe_mlx.kernels import TYPE_NAMES, Launch, mlx_sources
 
-from flashmoe_mlx.kernels import Launch, mlx_sources
-
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.uint32: "uint32_t"}
+CUDA_TYPES = TYPE_NAMES["cuda"]
 REGISTERS_PER_SM = 64 * 1024
 ARCH = "sm_90"
 
@@ -26,7 +25,7 @@ def nvcc() -> str | None:
 
 def _kernel(launch: Launch, name: str) -> str:
     """One launch as MLX's CUDA backend writes it (mlx/backend/cuda/custom_kernel.cpp, build_kernel)."""
-    _, body = mlx_sources("cuda", launch.kernel)
+    _, body = mlx_sources("cuda", launch.kernel, launch.constants)
     params = []
     for n, a in launch.inputs.items():
         params.append(f"const {CUDA_TYPES[a.dtype]}* {n}")
@@ -35,9 +34,7 @@ def _kernel(launch: Launch, name: str) -> str:
         if f"{n}_strides" in body:
             params.append(f"const __grid_constant__ Strides {n}_strides")
     params += [f"{CUDA_TYPES[d]}* {n}" for n, (_, d) in launch.outputs.items()]
-    constants = [f"using {n} = {CUDA_TYPES[v]};" if isinstance(v, mx.Dtype) else f"constexpr int {n} = {int(v)};"
-                 for n, v in launch.constants.items()]
-    return "\n".join([f"__global__ void {name}({', '.join(params)}) {{", *constants, body, "}"])
+    return "\n".join([f"__global__ void {name}({', '.join(params)}) {{", body, "}"])
 
 
 def compile_launches(launches: list[Launch]) -> dict[str, int]:
@@ -50,8 +47,8 @@ def compile_launches(launches: list[Launch]) -> dict[str, int]:
         "#include <cuda_fp16.h>",
         "struct Shape { int32_t values[8]; __device__ int32_t operator[](int i) const { return values[i]; } };",
         "struct Strides { int64_t values[8]; __device__ int64_t operator[](int i) const { return values[i]; } };",
-        *(f"namespace n{i} {{\n{mlx_sources('cuda', launch.kernel)[0]}extern \"C\" {_kernel(launch, f'k{i}')}\n}}"
-          for i, launch in enumerate(launches)),
+        *(f"namespace n{i} {{\n{mlx_sources('cuda', launch.kernel, launch.constants)[0]}"
+          f"extern \"C\" {_kernel(launch, f'k{i}')}\n}}" for i, launch in enumerate(launches)),
     ])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernels.cu"

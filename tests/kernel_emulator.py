@@ -20,17 +20,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from flashmoe_mlx.kernels import Launch, body_source, prelude
+from flashmoe_mlx.kernels import Launch, body_source, constant_definitions, prelude
 
 C_TYPES = {mx.float32: ("float", np.float32), mx.uint32: ("uint32_t", np.uint32), mx.bfloat16: ("bfloat16", np.uint16)}
 POISON = {mx.float32: np.nan, mx.uint32: 0xFFFFFFFF, mx.bfloat16: 0xFFFF}  # NaN where a float
 BUILD_DIR = Path(tempfile.gettempdir()) / "flashmoe-kernel-emulator"
-
-
-def _constant(name: str, value) -> str:
-    if isinstance(value, mx.Dtype):
-        return f"using {name} = {C_TYPES[value][0]};"
-    return f"constexpr int {name} = {int(value)};"
 
 
 def _described(launch: Launch, what: str) -> list[str]:
@@ -49,7 +43,7 @@ def _source(launch: Launch) -> str:
     args = [f"({p.rsplit(' ', 1)[0]})args[{i}]" for i, p in enumerate(params)]
     return "\n".join([
         header,
-        *(_constant(n, v) for n, v in launch.constants.items()),
+        constant_definitions(launch.constants, {dtype: c_type for dtype, (c_type, _) in C_TYPES.items()}),
         f"static void body({', '.join(params)}, uint32_t LANE, uint32_t SIMD_IN_TG, uint32_t TG, uint32_t TG_THREADS) {{",
         f'#line 1 "{launch.kernel}"',
         body_source(launch.kernel),
