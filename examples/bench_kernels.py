@@ -155,31 +155,35 @@ def op_overhead(op=None, ops=60, iters=50) -> float:
     return (time.perf_counter() - t0) / iters / ops
 
 
-def tiny_custom_kernel(header_bytes=0):
+def tiny_custom_kernel(header_bytes=0, template_arguments=0):
     """y = x + 1 as a custom kernel of this backend ([1, 16] floats): what any custom kernel costs per launch;
     with a header of about `header_bytes` of comment lines, what a longer source adds (MLX builds each call's
-    source anew and hashes it when the call is evaluated)."""
+    source anew and hashes it when the call is evaluated); with `template_arguments` int template arguments per
+    call, what those add (why our kernels take their constants in the source: kernels.mlx_sources)."""
     backend = kernels.gpu_backend()
     index = "thread_position_in_grid.x" if backend == "metal" else "blockIdx.x * blockDim.x + threadIdx.x"
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     header = f"// {'x' * 76}\n" * (header_bytes // 80)  # 80-byte lines
     kernel = make(name=f"bench_tiny_{header_bytes}", input_names=["x"], output_names=["y"], header=header,
                   source=f"uint32_t i = {index}; y[i] = x[i] + 1.0f;")
-    return lambda x: kernel(inputs=[x], grid=(16, 1, 1), threadgroup=(16, 1, 1), output_shapes=[x.shape],
-                            output_dtypes=[x.dtype])[0]
+    template = [(f"C{n}", n) for n in range(template_arguments)]
+    return lambda x: kernel(inputs=[x], template=template, grid=(16, 1, 1), threadgroup=(16, 1, 1),
+                            output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
 HOST_COST_SOURCE_BYTES = (0, 8000, 20000, 60000)  # our kernels' sources run 8-20 KB (prelude header included)
+HOST_COST_TEMPLATE_ARGUMENTS = (0, 10)  # our launches have 5-10 constants
 
 
 def host_cost(rounds=3, calls=100, hidden=4096, inter=1024, keys=32768) -> dict:
     """Host time per call (us): a tiny custom kernel in an evaluated chain as its source grows
-    (HOST_COST_SOURCE_BYTES of header), the median of `rounds`; and building `calls` of each of our two wrappers'
-    calls without evaluating them (expert_swiglu at Qwen3.5's shape, hidden -> inter, k = 10; attention_decode
-    at `keys` keys, dim 128), per call."""
-    rows = {"custom_kernel_us_by_header_bytes": {
-        size: float(np.median([op_overhead(tiny_custom_kernel(size)) * 1e6 for _ in range(rounds)]))
-        for size in HOST_COST_SOURCE_BYTES}}
+    (HOST_COST_SOURCE_BYTES of header) and as its calls carry HOST_COST_TEMPLATE_ARGUMENTS, the median of
+    `rounds`; and building `calls` of each of our two wrappers' calls without evaluating them (expert_swiglu at
+    Qwen3.5's shape, hidden -> inter, k = 10; attention_decode at `keys` keys, dim 128), per call."""
+    rows = {f"custom_kernel_us_by_{arg}": {
+        n: float(np.median([op_overhead(tiny_custom_kernel(**{arg: n})) * 1e6 for _ in range(rounds)]))
+        for n in sizes} for arg, sizes in (("header_bytes", HOST_COST_SOURCE_BYTES),
+                                           ("template_arguments", HOST_COST_TEMPLATE_ARGUMENTS))}
     pool = quantized_pool(hidden, inter, 10, 4, 4, 64, mx.bfloat16)
     ids = mx.array(np.arange(10)[None].astype(np.uint32))
     w = mx.softmax(mx.random.normal((1, 10)), axis=-1).astype(mx.bfloat16)
