@@ -162,6 +162,42 @@ def test_tensor_cores_only_where_the_runner_has_them(monkeypatch):
     assert not kernels.takes_tensor_cores(mx.bfloat16, 4, 4096 + 32, 1024)
 
 
+def test_gpu_runner_puts_the_constants_in_the_source(monkeypatch):
+    """run_on_gpu hands MLX one kernel object per kernel and set of constants, its source opening with them (the
+    source the CUDA compile check builds), and calls it without template arguments (MLX spends host time on each)."""
+    made, calls, launches = {}, [], []
+
+    def cuda_kernel(**spec):
+        made[spec["name"]] = spec
+
+        def call(**args):
+            calls.append(args)
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(args["output_shapes"], args["output_dtypes"])]
+        return call
+
+    def runner(launch):
+        launches.append(launch)
+        return kernels.run_on_gpu(launch)
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_kernel, raising=False)
+    monkeypatch.setattr(kernels, "gpu_backend", lambda: "cuda")
+    kernels._mlx_kernel.cache_clear()
+    q = mx.zeros((1, 8, 1, 64))
+    cache = mx.quantize(mx.zeros((1, 2, 256, 64)), 64, 4)
+    try:
+        for scale in (0.125, 0.125, 0.5):  # the score scale is one of the split pass's constants
+            kernels.attention_decode_launches(q, cache, cache, scale, 64, 4, runner)
+    finally:
+        kernels._mlx_kernel.cache_clear()
+    assert len(calls) == len(launches) == 6 and not any("template" in args for args in calls)
+    assert len(made) == 3  # the split pass at two scales, the combine pass at one set of constants
+    for launch in launches:
+        header, source = kernels.mlx_sources("cuda", launch.kernel, launch.constants)
+        named = [name for name, spec in made.items() if (spec["header"], spec["source"]) == (header, source)]
+        assert len(named) == 1 and named[0].startswith(f"flashmoe_{launch.kernel}_")
+        assert source.startswith("using T = float;\nconstexpr int HQ = 8;\n")
+
+
 def test_pools_the_kernel_does_not_take_run_the_reference():
     from flashmoe_mlx.kernels import MAX_HIDDEN, supports_expert_swiglu
 
