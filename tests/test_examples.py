@@ -121,23 +121,32 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
         bench_kernels.chain_table("\n".join(rows[:-3]), layers=layers)  # the last launch dropped
 
 
-def test_bench_kernels_host_cost_times_each_source_length_and_both_wrappers(monkeypatch):
+def test_bench_kernels_host_cost_times_each_source_length_template_count_and_both_wrappers(monkeypatch):
     """`--host-cost` on a stand-in for MLX's custom kernels (none here): a tiny kernel per source length, its
-    header that many bytes (to the line), each timed in a chain; then both wrappers' calls built and timed."""
+    header that many bytes (to the line), and one per count of template arguments, its calls carrying that many,
+    each timed in a chain; then both wrappers' calls built and timed."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     import bench_kernels
 
-    headers = []
+    made = []
 
     def fake_cuda_kernel(name, input_names, output_names, source, header=""):
-        headers.append(len(header))
-        return lambda inputs, **launch: [inputs[0] + 1]
+        record = {"header": len(header), "template_arguments": set()}
+        made.append(record)
+
+        def call(inputs, template, **launch):
+            record["template_arguments"].add(len(template))
+            return [inputs[0] + 1]
+        return call
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
     monkeypatch.setattr(bench_kernels.kernels, "gpu_backend", lambda: "cuda")
     got = bench_kernels.host_cost(rounds=1, calls=2, hidden=256, inter=64, keys=512)
-    sizes = bench_kernels.HOST_COST_SOURCE_BYTES
-    assert [size - 80 < h <= size for h, size in zip(headers, sizes)] == [True] * len(sizes) == [True] * len(headers)
-    assert sorted(got["custom_kernel_us_by_header_bytes"]) == sorted(sizes)
-    assert all(us > 0 for us in got["custom_kernel_us_by_header_bytes"].values())
+    sizes, counts = bench_kernels.HOST_COST_SOURCE_BYTES, bench_kernels.HOST_COST_TEMPLATE_ARGUMENTS
+    assert len(made) == len(sizes) + len(counts)
+    assert all(size - 80 < k["header"] <= size and k["template_arguments"] == {0} for k, size in zip(made, sizes))
+    assert [(k["header"], k["template_arguments"]) for k in made[len(sizes):]] == [(0, {n}) for n in counts]
+    for row, keys in (("header_bytes", sizes), ("template_arguments", counts)):
+        assert sorted(got[f"custom_kernel_us_by_{row}"]) == sorted(keys)
+        assert all(us > 0 for us in got[f"custom_kernel_us_by_{row}"].values())
     assert got["expert_swiglu_build_us"] > 0 and got["attention_decode_build_us"] > 0
