@@ -4,6 +4,8 @@
     python examples/bench_kernels.py --profile      # each path briefly, under a profiler (ncu) for kernel times
     python examples/bench_kernels.py --profile-chain  # expert layers in a chain, for ncu --cache-control none
     python examples/bench_kernels.py --chain-table ncu.csv   # that profile's table (ncu --csv output; no GPU)
+    python examples/bench_kernels.py --profile-read  # the read bound: a read-only kernel over our byte counts
+    python examples/bench_kernels.py --read-table ncu.csv    # that profile's table
     python examples/bench_kernels.py --check        # the correctness checks alone
     python examples/bench_kernels.py --host-cost    # host time per custom-kernel call: source length, our wrappers
 
@@ -30,6 +32,7 @@ import argparse
 import contextlib
 import csv
 import json
+import re
 import time
 
 import mlx.core as mx
@@ -342,6 +345,92 @@ def print_chain_table(rows: list[dict]):
               f"| {r['layer_tbps']:.2f} ({r['layer_tbps'] / 4.8:.0%}) |")
 
 
+def read_bound_sizes(hidden=4096, inter=1024, k=10, gs=CHAIN_GROUP_SIZE, keys=32768, heads=32, kv_heads=4,
+                     dim=128) -> dict:
+    """Bytes that each of our launches reads at the goals' shapes (Qwen3.5's experts, k = 10; attention over a
+    4-bit cache of `keys` keys: the split pass's KV, the combine pass's partials, float32 o, m and l of each
+    split as the tensor-core layout splits the keys), and each layer's whole, as the read bound's labels take them."""
+    def gate_up(bits):
+        return k * 2 * (hidden * inter * bits // 8 + 2 * 2 * hidden * inter // gs)
+    down = k * (hidden * inter * 4 // 8 + 2 * 2 * hidden * inter // gs)
+    kv = 2 * kv_heads * keys * (dim * 4 // 8 + 2 * 2 * dim // gs)
+    splits = kernels.attention_mma_layout(kv_heads, keys, heads // kv_heads, dim, gs)[0]
+    return {"experts 4/4, pass 1": gate_up(4), "experts 3/4, pass 1": gate_up(3), "experts, pass 2": down,
+            "experts 4/4, layer": gate_up(4) + down, "experts 3/4, layer": gate_up(3) + down, "attention, KV": kv,
+            "attention, partials": heads * splits * (dim + 2) * 4}
+
+
+READ_BOUND_LAUNCHES = ((264, 8), (528, 8), (1056, 4), (1056, 8), (2112, 4))  # (threadgroups, loads): 2-16 per SM
+
+
+def profile_read(launches=3, threads=256, ring_bytes=160 << 20):
+    """stream_read over each of read_bound_sizes' byte counts at each of READ_BOUND_LAUNCHES, `launches` times,
+    each launch over the next buffer of a ring of at least `ring_bytes` (more than the L2 holds: what a launch
+    reads was last read that many bytes ago), for ncu: the fastest our launches could read those bytes. Kernel
+    names carry N, threadgroups, threads and loads; --read-table makes the table."""
+    for nbytes in read_bound_sizes().values():
+        n = nbytes // 16 * 4
+        ring = [mx.full((n,), i, mx.uint32) for i in range(max(2, -(-ring_bytes // nbytes)))]
+        mx.eval(ring)
+        for i, (groups, loads) in enumerate(s for s in READ_BOUND_LAUNCHES for _ in range(launches)):
+            mx.eval(kernels.stream_read(ring[i % len(ring)], groups, threads, loads))
+        del ring
+
+
+def read_table(csv_text: str) -> dict:
+    """From ncu's --csv output over --profile-read (gpu__time_duration.sum among its metrics): per byte count of
+    read_bound_sizes, the median us of each launch shape and the best; and per layer the best of one launch for
+    all of its bytes against two launches (the passes, or the KV read plus the combine's few)."""
+    rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
+    head = rows[0]
+    at = {name: head.index(name) for name in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    times = {}
+    for r in rows[1:]:
+        named = re.search(r"stream_read_(\d+)_(\d+)_(\d+)_(\d+)", r[at["Kernel Name"]])
+        if named and r[at["Metric Name"]] == "gpu__time_duration.sum":
+            words, groups, _, loads = map(int, named.groups())
+            value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
+            times.setdefault(4 * words, {}).setdefault(f"{groups}x{loads}", []).append(value)
+    sizes = {}
+    for label, nbytes in read_bound_sizes().items():
+        shapes = {shape: float(np.median(us)) for shape, us in times.get(nbytes // 16 * 16, {}).items()}
+        if not shapes:
+            raise ValueError(f"no stream_read launch over {nbytes} bytes ({label}) in the profile")
+        sizes[label] = {"bytes": nbytes, "us_by_launch": shapes, "best_us": min(shapes.values())}
+    best = {label: row["best_us"] for label, row in sizes.items()}
+    layers = {}
+    for bits in ("4/4", "3/4"):
+        layers[f"experts {bits}"] = {"bytes": sizes[f"experts {bits}, layer"]["bytes"],
+                                     "one_launch_us": best[f"experts {bits}, layer"],
+                                     "two_launches_us": best[f"experts {bits}, pass 1"] + best["experts, pass 2"]}
+    layers["attention"] = {"bytes": sizes["attention, KV"]["bytes"], "one_launch_us": best["attention, KV"],
+                           "two_launches_us": best["attention, KV"] + best["attention, partials"]}
+    return {"sizes": sizes, "layers": layers}
+
+
+def read_shapes(result: dict) -> list[str]:
+    """The launch shapes (threadgroups x loads) in read_table's result, in order."""
+    return sorted({s for row in result["sizes"].values() for s in row["us_by_launch"]},
+                  key=lambda s: tuple(map(int, s.split("x"))))
+
+
+def print_read_table(result: dict, peak_tbps=4.8):
+    shapes = read_shapes(result)
+    print("| bytes read | MB | " + " | ".join(f"{s} us" for s in shapes) + " | best TB/s |\n"
+          + "|---" * (3 + len(shapes)) + "|")
+    for label, row in result["sizes"].items():
+        tbps = row["bytes"] / row["best_us"] / 1e6
+        print(f"| {label} | {row['bytes'] / 1e6:.1f} | "
+              + " | ".join(f"{row['us_by_launch'].get(s, float('nan')):.1f}" for s in shapes)
+              + f" | {tbps:.2f} ({tbps / peak_tbps:.0%}) |")
+    print(f"\n| layer | MB | one launch, us (of {peak_tbps} TB/s) | two launches, us (of {peak_tbps} TB/s) |\n"
+          "|---|---|---|---|")
+    for label, row in result["layers"].items():
+        share = {n: row["bytes"] / row[f"{n}_us"] / 1e6 / peak_tbps for n in ("one_launch", "two_launches")}
+        print(f"| {label} | {row['bytes'] / 1e6:.1f} | {row['one_launch_us']:.1f} ({share['one_launch']:.0%}) "
+              f"| {row['two_launches_us']:.1f} ({share['two_launches']:.0%}) |")
+
+
 def profile_chain(layers=8, slots=16, hidden=4096, inter=1024):
     """Expert layers (Qwen3.5-397B's shape, k = 10) in one evaluated chain, each over its own pool (together more
     than the L2 holds), 4/4 and 3/4 bits, with each choice of pass-1 body: each chain twice, for a profiler that
@@ -520,6 +609,10 @@ def main():
                     help="expert layers in a chain over their own pools, for ncu --cache-control none")
     ap.add_argument("--chain-table", metavar="NCU_CSV",
                     help="read ncu's --csv output of --profile-chain and print its table (no GPU needed)")
+    ap.add_argument("--profile-read", action="store_true",
+                    help="the read bound: stream_read over our launches' byte counts, for ncu")
+    ap.add_argument("--read-table", metavar="NCU_CSV",
+                    help="read ncu's --csv output of --profile-read and print its table (no GPU needed)")
     ap.add_argument("--only", choices=("experts", "attention"), default=None)
     ap.add_argument("--check", action="store_true", help="just the correctness checks of both kernels")
     ap.add_argument("--host-cost", action="store_true",
@@ -531,12 +624,20 @@ def main():
         print_chain_table(rows)
         write_json(args.json, rows)
         return
+    if args.read_table:
+        with open(args.read_table) as f:
+            result = read_table(f.read())
+        print_read_table(result)
+        write_json(args.json, result)
+        return
     if active_runner() is None:
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:
         return profile_once()
     if args.profile_chain:
         return profile_chain()
+    if args.profile_read:
+        return profile_read()
     if args.host_cost:
         result = host_cost()
         print(json.dumps(result, indent=1))

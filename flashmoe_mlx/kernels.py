@@ -450,6 +450,23 @@ def attention_decode_launches(q: mx.array, keys: tuple, values: tuple, scale: fl
     return out
 
 
+def stream_read(words: mx.array, groups: int, threads: int = 256, loads: int = 8, runner=None) -> mx.array:
+    """The benchmarks' read bound (metal_kernels/stream_read.metal): `words` [N] uint32 read in 16-byte loads by
+    `groups` threadgroups of `threads`, `loads` per thread in flight; [groups] uint32, each threadgroup's XOR of
+    the words it read."""
+    n = words.size
+    if words.ndim != 1 or words.dtype != mx.uint32 or n % 4 or threads % 32:
+        raise ValueError(f"stream_read takes 1-D uint32 words, a multiple of 4 (got {words.shape} {words.dtype}) "
+                         f"and whole SIMD-groups per threadgroup (got {threads} threads)")
+    runner = runner or active_runner()
+    if runner is None:
+        raise RuntimeError("stream_read needs a GPU kernel backend (MLX with Metal or CUDA) or a runner")
+    (out,) = runner(Launch("stream_read", {"words": words}, {"out": ((groups,), mx.uint32)},
+                           {"N": n, "GROUPS": groups, "THREADS": threads, "LOADS": loads}, groups * threads // 32,
+                           threadgroup=threads))
+    return out
+
+
 def float32_bits(value: float) -> int:
     """A float's float32 bits as a (signed 32-bit) template constant."""
     return struct.unpack("<i", struct.pack("<f", value))[0]

@@ -121,6 +121,53 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
         bench_kernels.chain_table("\n".join(rows[:-3]), layers=layers)  # the last launch dropped
 
 
+def test_bench_kernels_read_bound_profile_and_table(monkeypatch):
+    """`--profile-read` launches stream_read over each byte count at each launch shape, each over buffers of its
+    own; `--read-table` takes per byte count the median of each shape and the best, and per layer one launch
+    against the two-launch sum, from a CSV as ncu writes it (times put in here, a shape missing from one size)."""
+    from flashmoe_mlx.kernels import use_runner
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import bench_kernels
+
+    sizes = {label: 4096 * (i + 1) for i, label in enumerate(bench_kernels.read_bound_sizes())}
+    monkeypatch.setattr(bench_kernels, "read_bound_sizes", lambda: sizes)
+    ran = []
+
+    def recording(launch):
+        ran.append((launch.constants["N"], launch.constants["GROUPS"], launch.constants["LOADS"],
+                    id(launch.inputs["words"])))
+        return [mx.zeros(shape, dtype) for shape, dtype in launch.outputs.values()]
+
+    with use_runner(recording):
+        bench_kernels.profile_read(launches=2, ring_bytes=0)
+    shapes = bench_kernels.READ_BOUND_LAUNCHES
+    assert [r[:3] for r in ran] == [(n // 4, g, loads) for n in sizes.values() for g, loads in shapes for _ in "ab"]
+    # a ring of two buffers per size at ring_bytes 0: consecutive launches over one size read different ones
+    assert all(a[3] != b[3] for a, b in zip(ran, ran[1:]) if a[0] == b[0])
+    rows = ['==PROF== Disconnected', '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    want = {}
+    for i, (label, nbytes) in enumerate(sizes.items()):
+        for j, (groups, loads) in enumerate(shapes[:-1] if i == 0 else shapes):
+            name = f"custom_kernel_flashmoe_stream_read_{nbytes // 4}_{groups}_256_{loads}(const unsigned int *)"
+            us = [5.0 + i + j, 7.0 + i + j, 6.0 + i + j]
+            rows += [f'"0","{name}","gpu__time_duration.sum","nsecond","{t * 1000:,.0f}"' for t in us]
+            rows.append(f'"0","{name}","dram__bytes_read.sum","Mbyte","1.0"')
+            want.setdefault(label, {})[f"{groups}x{loads}"] = 6.0 + i + j
+    got = bench_kernels.read_table("\n".join(rows))
+    for label, by_shape in want.items():
+        assert got["sizes"][label]["us_by_launch"] == pytest.approx(by_shape)
+        assert got["sizes"][label]["best_us"] == pytest.approx(min(by_shape.values()))
+    best = {label: min(by_shape.values()) for label, by_shape in want.items()}
+    assert got["layers"]["experts 3/4"]["one_launch_us"] == pytest.approx(best["experts 3/4, layer"])
+    assert got["layers"]["experts 3/4"]["two_launches_us"] == pytest.approx(
+        best["experts 3/4, pass 1"] + best["experts, pass 2"])
+    assert got["layers"]["attention"]["two_launches_us"] == pytest.approx(
+        best["attention, KV"] + best["attention, partials"])
+    with pytest.raises(ValueError, match="attention, KV"):
+        bench_kernels.read_table("\n".join(r for r in rows if f"_{sizes['attention, KV'] // 4}_" not in r))
+
+
 def test_bench_kernels_host_cost_times_each_source_length_template_count_and_both_wrappers(monkeypatch):
     """`--host-cost` on a stand-in for MLX's custom kernels (none here): a tiny kernel per source length, its
     header that many bytes (to the line), and one per count of template arguments, its calls carrying that many,

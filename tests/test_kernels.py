@@ -503,6 +503,25 @@ struct Pair { float a, b; };
     assert "Pair" in kernels.header_for(header, "Pair p;")
 
 
+@pytest.mark.parametrize("words, groups, threads, loads", [(4096, 3, 64, 4), (4100, 2, 96, 8), (8, 5, 32, 2)])
+def test_stream_read_body_reads_every_word_once(words, groups, threads, loads):
+    """The benchmarks' read bound: threadgroup g XORs exactly the 16-byte chunks c with c % (groups * threads) in
+    its span (uneven walks, and threadgroups that read nothing, included)."""
+    data = np.random.default_rng(words).integers(0, 2 ** 32, words, dtype=np.uint32)
+    got = np.array(kernels.stream_read(mx.array(data), groups, threads, loads, runner=run_emulated))
+    chunks = np.bitwise_xor.reduce(data.reshape(-1, 4), axis=1)
+    owner = np.arange(len(chunks)) % (groups * threads) // threads
+    want = [np.bitwise_xor.reduce(chunks[owner == g]) if (owner == g).any() else 0 for g in range(groups)]
+    assert got.tolist() == [int(w) for w in want]
+
+
+def test_stream_read_refuses_what_it_cannot_read():
+    for words, threads in ((mx.zeros((6,), mx.uint32), 32), (mx.zeros((2, 4), mx.uint32), 32),
+                           (mx.zeros((8,), mx.float32), 32), (mx.zeros((8,), mx.uint32), 48)):
+        with pytest.raises(ValueError, match="stream_read"):
+            kernels.stream_read(words, 2, threads, runner=refuse)
+
+
 def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
     """Every body the CUDA runner would launch, at the shipped tunings and the ones the benchmark sweeps,
     compiles with nvcc for the H200 the way MLX wraps it, and its registers fit its threadgroup."""
@@ -537,9 +556,10 @@ def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
                 for name, value in tunings.items():
                     patched.setattr(kernels, name, value)
                 attention_decode(q, cache, cache, dim ** -0.5, 64, bits, runner=capturing)
+    kernels.stream_read(mx.zeros((1 << 20,), mx.uint32), 1056, runner=capturing)
     assert {launch.kernel for launch in launches} == {
         "expert_swiglu_gate_up", "expert_swiglu_gate_up_mma", "expert_swiglu_down",
-        "attention_decode_split", "attention_decode_split_mma", "attention_decode_combine"}
+        "attention_decode_split", "attention_decode_split_mma", "attention_decode_combine", "stream_read"}
     registers = compile_launches(launches)
     for i, launch in enumerate(launches):
         assert registers[f"k{i}"] * launch.threadgroup <= REGISTERS_PER_SM, (launch.kernel, launch.constants)
