@@ -299,20 +299,28 @@ NCU_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 
 CHAIN_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum")
 
 
-def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
-    """From ncu's --csv output over `--profile-chain` (CHAIN_METRICS among its metrics, kernels flashmoe_expert*
-    only): per (bits, pass-1 body), medians and ranges over the second chain's layers of each pass's time (us) and
-    DRAM reads (MB), their sum per layer, and that layer's active bytes over it."""
+def ncu_launches(csv_text: str, metrics: tuple) -> list[dict]:
+    """ncu's --csv output (one quoted row per launch and metric) as one dict per launch in launch order: its
+    kernel name and those of `metrics` it has, times in us and bytes in MB (other metrics may ride along)."""
     rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
+    if not rows:
+        raise ValueError("no quoted CSV rows: not the output of ncu --csv")
     head = rows[0]
     at = {name: head.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     launches = {}
     for r in rows[1:]:
         launch = launches.setdefault(int(r[at["ID"]]), {"name": r[at["Kernel Name"]]})
-        if r[at["Metric Name"]] in CHAIN_METRICS:  # others (registers, say) may ride along in the same profile
+        if r[at["Metric Name"]] in metrics:
             value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
             launch[r[at["Metric Name"]]] = value
-    launches = [launches[i] for i in sorted(launches)]
+    return [launches[i] for i in sorted(launches)]
+
+
+def chain_table(csv_text: str, layers=8, hidden=4096, inter=1024) -> list[dict]:
+    """From ncu's --csv output over `--profile-chain` (CHAIN_METRICS among its metrics, kernels flashmoe_expert*
+    only): per (bits, pass-1 body), medians and ranges over the second chain's layers of each pass's time (us) and
+    DRAM reads (MB), their sum per layer, and that layer's active bytes over it."""
+    launches = ncu_launches(csv_text, CHAIN_METRICS)
     per_body = 2 * 2 * layers  # two chains of layers, two passes each
     if len(launches) != len(CHAIN_BITS) * len(BODIES) * per_body:
         raise ValueError(f"{len(launches)} launches in the profile; --profile-chain at {layers} layers makes "
@@ -381,16 +389,12 @@ def read_table(csv_text: str) -> dict:
     """From ncu's --csv output over --profile-read (gpu__time_duration.sum among its metrics): per byte count of
     read_bound_sizes, the median us of each launch shape and the best; and per layer the best of one launch for
     all of its bytes against two launches (the passes, or the KV read plus the combine's few)."""
-    rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
-    head = rows[0]
-    at = {name: head.index(name) for name in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     times = {}
-    for r in rows[1:]:
-        named = re.search(r"stream_read_(\d+)_(\d+)_(\d+)_(\d+)", r[at["Kernel Name"]])
-        if named and r[at["Metric Name"]] == "gpu__time_duration.sum":
+    for launch in ncu_launches(csv_text, ("gpu__time_duration.sum",)):
+        named = re.search(r"stream_read_(\d+)_(\d+)_(\d+)_(\d+)", launch["name"])
+        if named and "gpu__time_duration.sum" in launch:
             words, groups, _, loads = map(int, named.groups())
-            value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
-            times.setdefault(4 * words, {}).setdefault(f"{groups}x{loads}", []).append(value)
+            times.setdefault(4 * words, {}).setdefault(f"{groups}x{loads}", []).append(launch["gpu__time_duration.sum"])
     sizes = {}
     for label, nbytes in read_bound_sizes().items():
         shapes = {shape: float(np.median(us)) for shape, us in times.get(nbytes // 16 * 16, {}).items()}
@@ -618,18 +622,14 @@ def main():
     ap.add_argument("--host-cost", action="store_true",
                     help="host time per custom-kernel call against its source's length, and per wrapper call")
     args = ap.parse_args()
-    if args.chain_table:
-        with open(args.chain_table) as f:
-            rows = chain_table(f.read())
-        print_chain_table(rows)
-        write_json(args.json, rows)
-        return
-    if args.read_table:
-        with open(args.read_table) as f:
-            result = read_table(f.read())
-        print_read_table(result)
-        write_json(args.json, result)
-        return
+    for csv_path, parse, show in ((args.chain_table, chain_table, print_chain_table),
+                                  (args.read_table, read_table, print_read_table)):  # ncu's output, no GPU
+        if csv_path:
+            with open(csv_path) as f:
+                result = parse(f.read())
+            show(result)
+            write_json(args.json, result)
+            return
     if active_runner() is None:
         raise SystemExit("no GPU kernel backend here (needs MLX with Metal or CUDA)")
     if args.profile:

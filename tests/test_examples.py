@@ -151,8 +151,9 @@ def test_bench_kernels_read_bound_profile_and_table(monkeypatch):
         for j, (groups, loads) in enumerate(shapes[:-1] if i == 0 else shapes):
             name = f"custom_kernel_flashmoe_stream_read_{nbytes // 4}_{groups}_256_{loads}(const unsigned int *)"
             us = [5.0 + i + j, 7.0 + i + j, 6.0 + i + j]
-            rows += [f'"0","{name}","gpu__time_duration.sum","nsecond","{t * 1000:,.0f}"' for t in us]
-            rows.append(f'"0","{name}","dram__bytes_read.sum","Mbyte","1.0"')
+            for t in us:
+                rows.append(f'"{len(rows)}","{name}","gpu__time_duration.sum","nsecond","{t * 1000:,.0f}"')
+                rows.append(f'"{len(rows) - 1}","{name}","dram__bytes_read.sum","Mbyte","1.0"')
             want.setdefault(label, {})[f"{groups}x{loads}"] = 6.0 + i + j
     got = bench_kernels.read_table("\n".join(rows))
     for label, by_shape in want.items():
