@@ -301,7 +301,8 @@ CHAIN_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum")
 
 def ncu_launches(csv_text: str, metrics: tuple) -> list[dict]:
     """ncu's --csv output (one quoted row per launch and metric) as one dict per launch in launch order: its
-    kernel name and those of `metrics` it has, times in us and bytes in MB (other metrics may ride along)."""
+    kernel name and those of `metrics` it has, times in us, bytes in MB, counts (registers) as they are; other
+    metrics may ride along."""
     rows = list(csv.reader(line for line in csv_text.splitlines() if line.startswith('"')))
     if not rows:
         raise ValueError("no quoted CSV rows: not the output of ncu --csv")
@@ -311,7 +312,7 @@ def ncu_launches(csv_text: str, metrics: tuple) -> list[dict]:
     for r in rows[1:]:
         launch = launches.setdefault(int(r[at["ID"]]), {"name": r[at["Kernel Name"]]})
         if r[at["Metric Name"]] in metrics:
-            value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS[r[at["Metric Unit"]]]
+            value = float(r[at["Metric Value"]].replace(",", "")) * NCU_UNITS.get(r[at["Metric Unit"]], 1.0)
             launch[r[at["Metric Name"]]] = value
     return [launches[i] for i in sorted(launches)]
 
