@@ -119,6 +119,8 @@ def test_bench_kernels_chain_table_reads_ncu_csv_in_launch_order(monkeypatch):
         assert r["layer_tbps"] == pytest.approx(bench_kernels.expert_bytes(4096, 1024, *bits, 64) / r["layer_us"] / 1e6)
     with pytest.raises(ValueError, match="launches in the profile"):
         bench_kernels.chain_table("\n".join(rows[:-3]), layers=layers)  # the last launch dropped
+    registers = bench_kernels.ncu_launches("\n".join(rows), ("launch__registers_per_thread",))
+    assert {launch["launch__registers_per_thread"] for launch in registers} == {80}  # a count, kept as it is
 
 
 def test_bench_kernels_read_bound_profile_and_table(monkeypatch):
