@@ -455,9 +455,12 @@ def stream_read(words: mx.array, groups: int, threads: int = 256, loads: int = 8
     `groups` threadgroups of `threads`, `loads` per thread in flight; [groups] uint32, each threadgroup's XOR of
     the words it read."""
     n = words.size
-    if words.ndim != 1 or words.dtype != mx.uint32 or n % 4 or threads % 32:
-        raise ValueError(f"stream_read takes 1-D uint32 words, a multiple of 4 (got {words.shape} {words.dtype}) "
-                         f"and whole SIMD-groups per threadgroup (got {threads} threads)")
+    if words.ndim != 1 or words.dtype != mx.uint32 or n % 4 or n >= 1 << 31:
+        raise ValueError(f"stream_read takes 1-D uint32 words, a multiple of 4 and fewer than 2^31 (the count is "
+                         f"an int constant); got {words.shape} {words.dtype}")
+    if threads < 32 or threads % 32 or groups < 1 or loads < 1:
+        raise ValueError(f"stream_read takes whole SIMD-groups per threadgroup, at least one threadgroup and one "
+                         f"load in flight; got {threads} threads, {groups} threadgroups, {loads} loads")
     runner = runner or active_runner()
     if runner is None:
         raise RuntimeError("stream_read needs a GPU kernel backend (MLX with Metal or CUDA) or a runner")

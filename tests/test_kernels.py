@@ -516,10 +516,13 @@ def test_stream_read_body_reads_every_word_once(words, groups, threads, loads):
 
 
 def test_stream_read_refuses_what_it_cannot_read():
-    for words, threads in ((mx.zeros((6,), mx.uint32), 32), (mx.zeros((2, 4), mx.uint32), 32),
-                           (mx.zeros((8,), mx.float32), 32), (mx.zeros((8,), mx.uint32), 48)):
+    eight = mx.zeros((8,), mx.uint32)
+    for words, groups, threads, loads in (
+            (mx.zeros((6,), mx.uint32), 2, 32, 8), (mx.zeros((2, 4), mx.uint32), 2, 32, 8),
+            (mx.zeros((8,), mx.float32), 2, 32, 8), (eight, 2, 48, 8), (eight, 2, 0, 8), (eight, 0, 32, 8),
+            (eight, 2, 32, 0)):
         with pytest.raises(ValueError, match="stream_read"):
-            kernels.stream_read(words, 2, threads, runner=refuse)
+            kernels.stream_read(words, groups, threads, loads, runner=refuse)
 
 
 def test_cuda_twins_compile_and_fit_their_launches(monkeypatch):
